@@ -1,0 +1,1 @@
+"""ccied.bench: the demo and the benchmarks behind ``ccied demo`` and ``ccied bench``."""

