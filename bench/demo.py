@@ -15,7 +15,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
-
 from ccied.bench.cluster import PeerProcess, free_tcp_port, running, runtime_folder
 from ccied.peer.client import Client, FrameResult
 from ccied.pruning import bundled_clips, iter_frames, load_model, preprocess

@@ -200,6 +200,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     failures = 0
     with Client(args.socket, timeout_s=args.timeout_s) as client:
+        client.status(timeout_s=min(args.timeout_s, 5.0))  # fail fast when no peer runs
         for path in args.files:
             try:
                 for frame in iter_frames(path, every=args.every, limit=args.limit):

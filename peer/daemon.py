@@ -31,7 +31,6 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-
 from ccied.peer.errors import PeerError, ProtocolError
 from ccied.peer.logutil import WarnOnce
 from ccied.peer.transport import RemoteTarget, TargetKind
@@ -258,7 +257,12 @@ class PeerDaemon:
             task.add_done_callback(self._tasks.discard)
 
     async def _reply_error(
-        self, sock: zmq.asyncio.Socket, identity: bytes, body: list[bytes], code: ErrorCode, text: str
+        self,
+        sock: zmq.asyncio.Socket,
+        identity: bytes,
+        body: list[bytes],
+        code: ErrorCode,
+        text: str,
     ) -> None:
         request_id = _request_id_hint(self.codec, body)
         await self._send(sock, identity, ErrorReply(request_id=request_id, code=code, message=text))
@@ -268,7 +272,9 @@ class PeerDaemon:
             await sock.send_multipart([identity, *self.codec.encode(message)], flags=zmq.NOBLOCK)
         except zmq.Again:
             # The requester is gone or not reading: its reply has nowhere to go.
-            warn_once("reply-dropped", "reply %s dropped: requester not reading", message.request_id)
+            warn_once(
+                "reply-dropped", "reply %s dropped: requester not reading", message.request_id
+            )
         except zmq.ZMQError as exc:
             warn_once("reply-failed", "reply %s failed: %s", message.request_id, exc)
 
@@ -319,7 +325,9 @@ class PeerDaemon:
             tensor, head_ms = await self.worker.head(request.pixels)
         except MediaError as exc:
             self.counters.errors += 1
-            return ErrorReply(request_id=request.request_id, code=ErrorCode.BAD_FRAME, message=str(exc))
+            return ErrorReply(
+                request_id=request.request_id, code=ErrorCode.BAD_FRAME, message=str(exc)
+            )
         bytes_sent = bytes_received = 0
         for target in self.targets:
             exchange = await target.request(
@@ -398,7 +406,9 @@ class PeerDaemon:
             prediction = await self.worker.tail(request.tensor)
         except BadTensorError as exc:
             self.counters.errors += 1
-            return ErrorReply(request_id=request.request_id, code=ErrorCode.BAD_TENSOR, message=str(exc))
+            return ErrorReply(
+                request_id=request.request_id, code=ErrorCode.BAD_TENSOR, message=str(exc)
+            )
         self.counters.served_for_peers += 1
         return InferResult(
             request_id=request.request_id,

@@ -15,10 +15,10 @@ from enum import StrEnum
 
 import zmq
 import zmq.asyncio
-
 from ccied.peer.errors import ProtocolError
 from ccied.peer.logutil import WarnOnce
 from ccied.peer.wire import MAX_TENSOR_BYTES, Message, WireCodec, message_bytes
+from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
 warn_once = WarnOnce(log)
@@ -78,21 +78,40 @@ class RemoteTarget:
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_TENSOR_BYTES + 1024)
         self._socket.setsockopt(zmq.RECONNECT_IVL, 100)
         self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.connected = False
+        self._monitor = self._socket.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+        )
         try:
             self._socket.connect(address)
         except zmq.ZMQError as exc:
-            self._socket.close(linger=0)
+            self.close()
             raise ValueError(f"cannot connect to {address!r}: {exc}") from exc
 
     async def run(self) -> None:
-        """Read replies and hand each to the request waiting for it."""
+        """Read replies and connection events until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._watch_connection())
+            group.create_task(self._read_replies())
+
+    async def _watch_connection(self) -> None:
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            was = self.connected
+            self.connected = event["event"] == zmq.EVENT_CONNECTED
+            if was != self.connected:
+                log.info("%s %s", self.address, "connected" if self.connected else "disconnected")
+
+    async def _read_replies(self) -> None:
         while True:
             frames = await self._socket.recv_multipart()
             try:
                 message = self._codec.decode(frames)
             except ProtocolError as exc:
                 # A target that answers garbage is broken, not a reason to stop.
-                warn_once(f"garbage:{self.address}", "undecodable reply from %s: %s", self.address, exc)
+                warn_once(
+                    f"garbage:{self.address}", "undecodable reply from %s: %s", self.address, exc
+                )
                 continue
             waiter = self._pending.pop(message.request_id, None)
             if waiter is not None and not waiter.done():
@@ -136,6 +155,7 @@ class RemoteTarget:
         return {
             "address": self.address,
             "kind": str(self.kind),
+            "connected": self.connected,
             "sent": self.stats.sent,
             "answered": self.stats.answered,
             "failures": self.stats.failures,
@@ -147,4 +167,6 @@ class RemoteTarget:
         for waiter in self._pending.values():
             waiter.cancel()
         self._pending.clear()
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
         self._socket.close(linger=0)

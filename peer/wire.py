@@ -24,7 +24,6 @@ from typing import Any, ClassVar, Protocol
 
 import msgpack
 import numpy as np
-
 from ccied.peer.errors import ProtocolError
 
 WIRE_VERSION = 1
@@ -218,7 +217,9 @@ class MsgpackCodec:
             raise ProtocolError(f"cannot encode {message.TYPE}: {exc}", message.request_id) from exc
         assert isinstance(packed, bytes)
         if len(packed) > MAX_HEADER_BYTES:
-            raise ProtocolError(f"header of {len(packed)} bytes exceeds the limit", message.request_id)
+            raise ProtocolError(
+                f"header of {len(packed)} bytes exceeds the limit", message.request_id
+            )
         return [packed, *buffers]
 
     def decode(self, frames: Sequence[bytes]) -> Message:
@@ -296,7 +297,9 @@ def _finite(value: float, key: str, request_id: str) -> float:
 def _tensors(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> list[np.ndarray]:
     descriptors = _get(header, "tensors", list, request_id)
     if len(descriptors) > MAX_TENSORS:
-        raise ProtocolError(f"{len(descriptors)} tensors exceed the limit {MAX_TENSORS}", request_id)
+        raise ProtocolError(
+            f"{len(descriptors)} tensors exceed the limit {MAX_TENSORS}", request_id
+        )
     if len(descriptors) != len(frames):
         raise ProtocolError(
             f"header names {len(descriptors)} tensors but {len(frames)} frames follow", request_id
@@ -307,15 +310,21 @@ def _tensors(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -
             raise ProtocolError("tensor descriptor must be [dtype, shape]", request_id)
         name, shape = descriptor
         if not isinstance(name, str) or name not in DTYPES:
-            raise ProtocolError(f"dtype {name!r} not allowed; allowed: {sorted(DTYPES)}", request_id)
+            raise ProtocolError(
+                f"dtype {name!r} not allowed; allowed: {sorted(DTYPES)}", request_id
+            )
         if not isinstance(shape, list) or not 0 < len(shape) <= MAX_NDIM:
             raise ProtocolError(f"shape must be a list of 1..{MAX_NDIM} sizes", request_id)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 30 for d in shape):
+        if not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 30 for d in shape
+        ):
             raise ProtocolError(f"bad shape {shape!r}", request_id)
         dtype = DTYPES[name]
         expected = math.prod(shape) * dtype.itemsize
         if expected > MAX_TENSOR_BYTES:
-            raise ProtocolError(f"tensor of {expected} bytes exceeds {MAX_TENSOR_BYTES}", request_id)
+            raise ProtocolError(
+                f"tensor of {expected} bytes exceeds {MAX_TENSOR_BYTES}", request_id
+            )
         if expected != len(frame):
             raise ProtocolError(
                 f"tensor {name}{shape} needs {expected} bytes, frame has {len(frame)}", request_id
@@ -332,14 +341,17 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
         kind = MessageType(_get(header, "type", str, request_id))
     except ValueError as exc:
         raise ProtocolError(f"unknown message type {header.get('type')!r}", request_id) from exc
-    if not request_id:
+    # Only an error reply may lack an id: the one answering an unreadable message.
+    if not request_id and kind is not MessageType.ERROR:
         raise ProtocolError("missing request id")
     bundle_id = _get(header, "bundle", str, request_id)
     body = _get(header, "body", dict, request_id)
     tensors = _tensors(header, frames, request_id)
     expected_tensors = 1 if kind in (MessageType.SUBMIT, MessageType.INFER) else 0
     if len(tensors) != expected_tensors:
-        raise ProtocolError(f"{kind} carries {expected_tensors} tensors, got {len(tensors)}", request_id)
+        raise ProtocolError(
+            f"{kind} carries {expected_tensors} tensors, got {len(tensors)}", request_id
+        )
 
     def text(key: str) -> str:
         value: str = _get(body, key, str, request_id)

@@ -17,7 +17,6 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-
 from ccied.pruning import StagedModel, preprocess
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,9 @@ class ModelWorker:
     def check_tensor(self, tensor: np.ndarray) -> None:
         """Raise BadTensorError unless the tensor fits this tail (shape, dtype, finite)."""
         if tuple(tensor.shape) != self.tensor_shape:
-            raise BadTensorError(f"tensor shape {tuple(tensor.shape)}, expected {self.tensor_shape}")
+            raise BadTensorError(
+                f"tensor shape {tuple(tensor.shape)}, expected {self.tensor_shape}"
+            )
         if tensor.dtype != np.float32:
             raise BadTensorError(f"tensor dtype {tensor.dtype}, expected float32")
         if not np.isfinite(tensor).all():

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-
 from ccied.pruning.errors import MediaError
 from ccied.pruning.models import ModelSpec
+from PIL import Image, UnidentifiedImageError
 
 # Frames outside these bounds are refused before any work is done on them.
 MIN_FRAME_SIDE = 8
@@ -45,7 +44,9 @@ def check_frame(pixels: np.ndarray) -> None:
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise MediaError(f"frame shape must be (height, width, 3), got {pixels.shape}")
     height, width = pixels.shape[:2]
-    if not (MIN_FRAME_SIDE <= height <= MAX_FRAME_SIDE and MIN_FRAME_SIDE <= width <= MAX_FRAME_SIDE):
+    if not (
+        MIN_FRAME_SIDE <= height <= MAX_FRAME_SIDE and MIN_FRAME_SIDE <= width <= MAX_FRAME_SIDE
+    ):
         raise MediaError(
             f"frame size {width}x{height} outside {MIN_FRAME_SIDE}..{MAX_FRAME_SIDE} pixels a side"
         )
@@ -108,7 +109,9 @@ def iter_video(path: Path, every: int = 1, limit: int | None = None) -> Iterator
         except av.error.FFmpegError as exc:
             if emitted == 0:  # FFmpeg guesses a format for almost any bytes
                 raise MediaError(f"{path}: not a readable image or video ({exc})") from exc
-            raise MediaError(f"{path}: video decoding failed after {emitted} frames ({exc})") from exc
+            raise MediaError(
+                f"{path}: video decoding failed after {emitted} frames ({exc})"
+            ) from exc
 
 
 def iter_frames(path: Path, every: int = 1, limit: int | None = None) -> Iterator[Frame]:

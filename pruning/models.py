@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from ccied.pruning.errors import ModelError
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +214,8 @@ def _efficientnet_lite0() -> StagedModel:
         name="efficientnet_lite0",
         input_size=224,
         # EfficientNet-Lite was trained with (pixel - 127) / 128.
-        mean=(127.0 / 255.0,) * 3,  # type: ignore[arg-type]
-        std=(128.0 / 255.0,) * 3,  # type: ignore[arg-type]
+        mean=(127.0 / 255.0,) * 3,
+        std=(128.0 / 255.0,) * 3,
         class_names=imagenet_class_names(),
         weights_sha256=file_sha256(weights),
     )

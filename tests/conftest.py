@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
-
 from ccied.pruning import StagedModel, find_clip, iter_frames, load_model
 
 

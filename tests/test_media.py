@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from ccied.pruning import MediaError, StagedModel, bundled_clips, iter_frames, preprocess
 from ccied.pruning.media import check_frame
 
@@ -43,7 +42,7 @@ def test_preprocess_gives_a_normalised_square_input(
 ) -> None:
     x = preprocess(cat_pixels, model.spec)
     assert tuple(x.shape) == (1, 3, 224, 224)
-    assert -1.01 <= float(x.min()) and float(x.max()) <= 1.01
+    assert float(x.min()) >= -1.01 and float(x.max()) <= 1.01
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from ccied.pruning import ModelError, StagedModel, load_model, preprocess
 from ccied.pruning.bundle import bundle_id
 

@@ -1,0 +1,112 @@
+"""The command line as a user drives it: help, submit with good and bad files, config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ccied.bench.cluster import PeerProcess
+from ccied.peer.cli import build_parser, peer_config
+from ccied.peer.daemon import Role
+from ccied.peer.errors import PeerError
+from ccied.pruning import find_clip
+
+CCIED = [sys.executable, "-m", "ccied.peer.cli"]
+JSON_FIELDS = {
+    "frame",
+    "label",
+    "class_name",
+    "confidence",
+    "source",
+    "served_by",
+    "latency_ms",
+    "bytes_sent",
+}
+
+
+@pytest.mark.parametrize("command", ["peer", "submit", "status", "splits", "demo"])
+def test_every_command_has_help(command: str) -> None:
+    done = subprocess.run([*CCIED, command, "--help"], capture_output=True, text=True, check=True)
+    assert "usage: ccied " + command in done.stdout
+
+
+def test_config_file_sets_defaults_and_options_override_it(tmp_path: Path) -> None:
+    config = tmp_path / "peer.toml"
+    config.write_text(
+        'role = "cloud"\nname = "c9"\nlisten = "tcp://127.0.0.1:7777"\nsocket = "none"\n'
+        'remote_timeout_s = 0.5\npeer = ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]\n'
+    )
+    args = build_parser().parse_args(["peer", "--config", str(config), "--name", "other"])
+    cfg = peer_config(args)
+    assert cfg.role is Role.CLOUD and cfg.name == "other" and cfg.socket_path is None
+    assert cfg.listen == "tcp://127.0.0.1:7777" and cfg.remote_timeout_s == 0.5
+    assert cfg.peers == ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    config.write_text('rol = "cloud"\n')
+    with pytest.raises(PeerError, match=r"unknown keys \['rol'\]"):
+        peer_config(build_parser().parse_args(["peer", "--config", str(config)]))
+
+
+def test_submit_without_a_peer_says_so(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*CCIED, "submit", "--socket", str(tmp_path / "none.sock"), "x.png"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "no peer at" in done.stderr and "ccied peer" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def lone_peer() -> Iterator[PeerProcess]:
+    folder = Path(tempfile.mkdtemp(prefix="ccied-", dir="/tmp"))
+    peer = PeerProcess("solo", "edge", "none", folder / "solo.sock", log_path=folder / "solo.log")
+    peer.start()
+    try:
+        peer.wait_ready()
+        yield peer
+    finally:
+        peer.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_submit_prints_one_json_line_per_frame_and_reports_bad_files(
+    lone_peer: PeerProcess, cat_png: Path, tmp_path: Path
+) -> None:
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"\x00garbage" * 100)
+    clip = find_clip("carphone_pristine.mp4")
+    done = subprocess.run(
+        [*CCIED, "submit", "--socket", str(lone_peer.socket_path), "--json", "--every", "60",
+         str(cat_png), str(junk), str(clip)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["frame"] for line in lines] == [
+        "cat.png",
+        str(junk),
+        "carphone_pristine.mp4#0",
+        "carphone_pristine.mp4#60",
+    ]
+    assert "not a readable image or video" in lines[1]["error"]
+    for line in (lines[0], lines[2], lines[3]):
+        assert set(line) >= JSON_FIELDS and line["source"] == "local"
+        assert line["served_by"] == "solo" and line["bytes_sent"] == 0
+    assert done.returncode == 1  # one file failed; the others were still answered
+
+    status = subprocess.run(
+        [*CCIED, "status", "--socket", str(lone_peer.socket_path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    counters = json.loads(status.stdout)["requests"]
+    assert counters["answered"] >= 3 and counters["by_source"]["local"] >= 3
