@@ -87,6 +87,15 @@ class PeerProcess:
                     raise PeerUnavailableError(f"peer {self.name} not ready in {timeout_s} s")
                 time.sleep(0.1)
 
+    def wait_connected(self, timeout_s: float = 30.0) -> None:
+        """Block until every target of this peer reports a completed connection."""
+        deadline = time.monotonic() + timeout_s
+        with Client(self.socket_path, timeout_s=5.0) as client:
+            while not all(t["connected"] for t in client.status()["targets"]):
+                if time.monotonic() > deadline:
+                    raise PeerUnavailableError(f"peer {self.name}: targets not connected")
+                time.sleep(0.05)
+
     def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait, SIGKILL if needed; returns the exit code."""
         code = None
@@ -119,6 +128,8 @@ def running(peers: Sequence[PeerProcess]) -> Iterator[Sequence[PeerProcess]]:
             peer.start()
         for peer in peers:
             peer.wait_ready()
+        for peer in peers:
+            peer.wait_connected()
         yield peers
     finally:
         for peer in reversed(peers):

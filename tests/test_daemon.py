@@ -79,14 +79,6 @@ def full_model_label(model: StagedModel, pixels: np.ndarray) -> int:
         return int(model.full()(preprocess(pixels, model.spec)).argmax())
 
 
-def wait_connected(client: Client, timeout_s: float = 10.0) -> None:
-    """Until the edge's first target reports a completed connection."""
-    deadline = time.monotonic() + timeout_s
-    while not client.status()["targets"][0]["connected"]:
-        assert time.monotonic() < deadline, "the edge never connected to its target"
-        time.sleep(0.05)
-
-
 def exchange(address: str, frames: list[bytes], timeout_ms: int = 10_000) -> Message:
     """One raw request over a fresh DEALER; returns the decoded reply."""
     context = zmq.Context.instance()
@@ -108,8 +100,8 @@ def test_a_real_frame_goes_edge_to_cloud_and_back_with_the_full_model_label(
     bikes_frames: list[np.ndarray],
 ) -> None:
     _, edge = cluster
+    edge.wait_connected()
     with Client(edge.socket_path) as client:
-        wait_connected(client)
         for name, pixels in [("cat.png", cat_pixels), ("bikes#0", bikes_frames[0])]:
             result = client.submit(pixels, name)
             assert result.frame == name
@@ -279,15 +271,15 @@ def test_the_edge_fails_over_when_the_cloud_dies_and_returns_when_it_is_back(
     try:
         cloud.wait_ready()
         edge.wait_ready()
+        edge.wait_connected()
         with Client(edge.socket_path) as client:
-            wait_connected(client)
             assert client.submit(cat_pixels, "a").source == "cloud"
             cloud.kill()
             assert client.submit(cat_pixels, "b").source == "local"
             cloud = PeerProcess("cloud2", "cloud", address, workdir / "cloud2.sock")
             cloud.start()
             cloud.wait_ready()
-            wait_connected(client)
+            edge.wait_connected()
             assert client.submit(cat_pixels, "c").source == "cloud"
     finally:
         edge.stop()

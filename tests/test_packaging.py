@@ -63,3 +63,13 @@ def test_public_api_is_importable_from_the_top() -> None:
     import ccied
 
     assert ccied.Client.__module__ == "ccied.peer.client"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    command = (
+        "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e '.[dev]' "
+        "&& .venv/bin/python -m pytest"
+    )
+    assert command in readme
+    assert command in (ROOT / ".ci" / "run").read_text()
