@@ -144,7 +144,7 @@ class PeerDaemon:
     async def run(self) -> None:
         """Serve until ``request_stop()``; always releases sockets and the socket file."""
         self._stop = asyncio.Event()
-        self.worker.warm_up()
+        await self.worker.warm_up()
         self._context = zmq.asyncio.Context()
         try:
             self._bind()

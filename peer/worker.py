@@ -50,11 +50,15 @@ class ModelWorker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn)
 
-    def warm_up(self) -> None:
+    async def warm_up(self) -> None:
         """One forward pass on zeros, so the first real frame is not the slow one."""
         size = self.model.spec.input_size
-        with torch.inference_mode():
-            self._tail(self._head(torch.zeros(1, 3, size, size)))
+
+        def work() -> None:
+            with torch.inference_mode():
+                self._tail(self._head(torch.zeros(1, 3, size, size)))
+
+        await self._run(work)
 
     async def head(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
         """Preprocess an RGB frame and run the head; returns the tensor and head ms.
