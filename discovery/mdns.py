@@ -17,6 +17,7 @@ neighbours, heartbeats decide liveness.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -41,6 +42,10 @@ SERVICE_TYPE = "_ccied._tcp.local."
 DEFAULT_RESOLVE_TIMEOUT_S = 3.0
 # Services tracked at once (resolved or resolving); bounds memory under a flood.
 DEFAULT_MAX_SERVICES = 256
+# zeroconf reports a service once; re-resolving known ones now and then
+# re-suggests a peer the table forgot (say, after a partition) and drops one
+# whose records expired (killed without a goodbye).
+DEFAULT_REFRESH_INTERVAL_S = 30.0
 
 # TXT field bounds. A real announcement is far below them; anything beyond is
 # not a ccied peer, or a hostile one.
@@ -74,6 +79,7 @@ class MdnsConfig:
     service_type: str = SERVICE_TYPE
     resolve_timeout_s: float = DEFAULT_RESOLVE_TIMEOUT_S
     max_services: int = DEFAULT_MAX_SERVICES
+    refresh_interval_s: float = DEFAULT_REFRESH_INTERVAL_S
 
     def __post_init__(self) -> None:
         if self.interfaces is not None:
@@ -81,8 +87,10 @@ class MdnsConfig:
             object.__setattr__(self, "interfaces", tuple(self.interfaces))
             for address in self.interfaces:
                 _check_ip(address, "interface")
-        if self.resolve_timeout_s <= 0 or self.max_services < 1:
-            raise DiscoveryError("resolve_timeout_s and max_services must be positive")
+        if self.resolve_timeout_s <= 0 or self.max_services < 1 or self.refresh_interval_s <= 0:
+            raise DiscoveryError(
+                "resolve_timeout_s, max_services and refresh_interval_s must be positive"
+            )
 
 
 @dataclass(frozen=True)
@@ -298,6 +306,7 @@ class MdnsDiscovery:
         self._info: AsyncServiceInfo | None = None
         self._known: dict[str, Announcement] = {}  # service instance -> announcement
         self._resolving: dict[str, asyncio.Task[None]] = {}
+        self._resolve_again: set[str] = set()  # changed while a resolve was under way
         self._stopped = asyncio.Event()
         self._closing: asyncio.Task[None] | None = None
 
@@ -311,13 +320,31 @@ class MdnsDiscovery:
         return list(self._known.values())
 
     async def run(self) -> None:
-        """Advertise and browse until cancelled or closed; always says goodbye."""
+        """Advertise and browse until cancelled or closed; always says goodbye.
+
+        Every ``refresh_interval_s`` it resolves the known services again.
+        """
         try:
             if self._aiozc is None:
                 await self.async_start()
-            await self._stopped.wait()
+            while not self._stopped.is_set():
+                with contextlib.suppress(TimeoutError):  # the refresh tick, not an error
+                    await asyncio.wait_for(self._stopped.wait(), self.config.refresh_interval_s)
+                if not self._stopped.is_set():
+                    self.async_refresh()
         finally:
             await self.aclose()
+
+    def async_refresh(self) -> None:
+        """Resolve every known service again (``run()`` does it periodically).
+
+        A service that still answers is handed to the listener again (a no-op
+        for a neighbour it knows, a new suggestion for one it forgot); one
+        that no longer answers is dropped from :meth:`announcements` quietly,
+        without a goodbye: only heartbeats decide that a neighbour is gone.
+        """
+        for name in list(self._known):
+            self._async_schedule_resolve(self.config.service_type, name, refresh=True)
 
     async def async_start(self) -> None:
         """Open the mDNS sockets, browse, and register this peer.
@@ -399,6 +426,7 @@ class MdnsDiscovery:
         if self._resolving:
             await asyncio.gather(*self._resolving.values(), return_exceptions=True)
         self._resolving.clear()
+        self._resolve_again.clear()
         aiozc, self._aiozc = self._aiozc, None
         browser, self._browser = self._browser, None
         try:
@@ -426,8 +454,14 @@ class MdnsDiscovery:
         if state_change is ServiceStateChange.Removed:
             self._async_forget(name)
             return
-        if name in self._resolving or self._stopped.is_set():
-            return  # the resolve under way reads the newest records from the cache
+        self._async_schedule_resolve(service_type, name, refresh=False)
+
+    def _async_schedule_resolve(self, service_type: str, name: str, *, refresh: bool) -> None:
+        if self._stopped.is_set():
+            return
+        if name in self._resolving:
+            self._resolve_again.add(name)  # that resolve may have read the old records
+            return
         if len(self._known) + len(self._resolving) >= self.config.max_services and (
             name not in self._known
         ):
@@ -439,11 +473,20 @@ class MdnsDiscovery:
                 _clip(name, 80),
             )
             return
-        task = asyncio.get_running_loop().create_task(self._async_resolve(service_type, name))
+        task = asyncio.get_running_loop().create_task(
+            self._async_resolve(service_type, name, refresh=refresh)
+        )
         self._resolving[name] = task
-        task.add_done_callback(lambda _: self._resolving.pop(name, None))
+        task.add_done_callback(lambda done: self._async_resolved(service_type, name, done))
 
-    async def _async_resolve(self, service_type: str, name: str) -> None:
+    def _async_resolved(self, service_type: str, name: str, task: asyncio.Task[None]) -> None:
+        if self._resolving.get(name) is task:
+            del self._resolving[name]
+        if name in self._resolve_again and not task.cancelled():
+            self._resolve_again.discard(name)
+            self._async_schedule_resolve(service_type, name, refresh=False)
+
+    async def _async_resolve(self, service_type: str, name: str, *, refresh: bool) -> None:
         aiozc = self._aiozc
         if aiozc is None:
             return
@@ -456,7 +499,12 @@ class MdnsDiscovery:
             warn_once(f"resolve:{name}", "cannot resolve %s: %s", _clip(name, 80), exc)
             return
         if not found:
-            warn_once(f"resolve:{name}", "no complete answer for %s", _clip(name, 80))
+            if refresh or name in self._known:
+                # Gone quietly (killed, or its records expired): stop suggesting it.
+                log.debug("mDNS: %s no longer answers", _clip(name, 80))
+                self._known.pop(name, None)
+            else:
+                warn_once(f"resolve:{name}", "no complete answer for %s", _clip(name, 80))
             return
         try:
             announcement = parse_txt(info.properties, info.parsed_addresses(), info.port)
@@ -478,6 +526,7 @@ class MdnsDiscovery:
             log.exception("announcement listener failed on %s", announcement)
 
     def _async_forget(self, name: str) -> None:
+        self._resolve_again.discard(name)
         task = self._resolving.pop(name, None)
         if task is not None:
             task.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -537,5 +538,78 @@ def test_an_interface_that_is_not_ours_is_a_discovery_error() -> None:
         with pytest.raises(DiscoveryError):
             await discovery.async_start()
         await discovery.aclose()
+
+    _run(scenario())
+
+
+_KILLED_PEER = """
+import asyncio, sys
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+async def main():
+    aiozc = AsyncZeroconf(interfaces=["127.0.0.1"])
+    service_type = sys.argv[1]
+    info = AsyncServiceInfo(
+        service_type, "doomed." + service_type, port=5607, parsed_addresses=["127.0.0.1"],
+        server="doomed.local.", host_ttl=1, other_ttl=1,
+        properties={"name": "doomed", "role": "edge", "bundle": "b", "wire": "1", "port": "5607"},
+    )
+    await aiozc.async_register_service(info)
+    print("registered", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.usefixtures("quick_timing")
+@pytest.mark.timeout(30)
+def test_refresh_resuggests_a_forgotten_peer_and_drops_a_killed_one(service_type: str) -> None:
+    config = MdnsConfig(
+        interfaces=LOOPBACK,
+        service_type=service_type,
+        refresh_interval_s=0.2,
+        resolve_timeout_s=0.3,
+    )
+    table = NeighbourTable(
+        "watcher", NeighbourTableConfig(liveness_timeout_s=0.1, forget_after_s=0.1)
+    )
+
+    async def scenario() -> None:
+        watcher = MdnsDiscovery(table, None, config)
+        peer = MdnsDiscovery(NeighbourTable("alive"), _advertisement("alive", 5606), config)
+        doomed = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _KILLED_PEER, service_type, stdout=asyncio.subprocess.PIPE
+        )
+        runs = [asyncio.create_task(watcher.run()), asyncio.create_task(peer.run())]
+        try:
+            assert doomed.stdout is not None
+            assert await doomed.stdout.readline() == b"registered\n"
+            await _wait_until(
+                lambda: {a.name for a in watcher.announcements()} == {"alive", "doomed"},
+                10.0,
+                "both peers announced",
+            )
+            doomed.kill()  # SIGKILL: no goodbye
+            await doomed.wait()
+            # Never confirmed by a heartbeat, both are forgotten by the table...
+            await asyncio.sleep(0.15)
+            table.expire()
+            assert _targets(table) == set()
+            # ...and the live one comes back with the next refresh.
+            await _wait_until(lambda: "alive" in _targets(table), 5.0, "alive re-suggested")
+            # The killed one's records expire (TTL 1 s) and it stops being suggested.
+            await _wait_until(
+                lambda: {a.name for a in watcher.announcements()} == {"alive"},
+                5.0,
+                "the killed peer dropped",
+            )
+        finally:
+            if doomed.returncode is None:
+                doomed.kill()
+                await doomed.wait()
+            for task in runs:
+                task.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
 
     _run(scenario())
