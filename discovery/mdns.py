@@ -52,7 +52,8 @@ DEFAULT_REFRESH_INTERVAL_S = 30.0
 MAX_TXT_BYTES = 2048
 MAX_NAME_CHARS = 64
 MAX_BUNDLE_CHARS = 128
-MAX_KEY_CHARS = 512
+# One TXT string is at most 255 bytes, "key=" included.
+MAX_KEY_CHARS = 250
 # A DNS label is at most 63 bytes; keep room for zeroconf's "-2" on a conflict.
 MAX_INSTANCE_CHARS = 56
 
@@ -70,7 +71,10 @@ class MdnsConfig:
     """Where and how to run mDNS.
 
     ``interfaces``: IP addresses of the interfaces to use; None means all
-    interfaces (the product default). Tests always pass ``("127.0.0.1",)``.
+    interfaces (the product default), except for a peer that advertises only
+    loopback addresses: it stays on 127.0.0.1, because other hosts that
+    learnt "127.0.0.1" would connect to themselves. Tests always pass
+    ``("127.0.0.1",)``.
     ``service_type`` is only changed by tests, to keep them apart from real
     peers running on the same machine.
     """
@@ -356,9 +360,7 @@ class MdnsDiscovery:
         """
         if self._aiozc is not None or self._closing is not None:
             raise DiscoveryError("mDNS discovery was already started")
-        interfaces: InterfaceChoice | list[str] = (
-            InterfaceChoice.All if self.config.interfaces is None else list(self.config.interfaces)
-        )
+        interfaces = self._interfaces()
         try:
             self._aiozc = AsyncZeroconf(interfaces=interfaces)
         except (OSError, ZeroconfError) as exc:  # no such interface, port 5353 refused, ...
@@ -403,10 +405,17 @@ class MdnsDiscovery:
             txt_record(advertisement),
         )
 
+    def _interfaces(self) -> InterfaceChoice | list[str]:
+        if self.config.interfaces is not None:
+            return list(self.config.interfaces)
+        ad = self.advertisement
+        if ad is not None and all(ipaddress.ip_address(a).is_loopback for a in ad.addresses):
+            return ["127.0.0.1"]
+        return InterfaceChoice.All
+
     def _where(self) -> str:
-        return (
-            "all interfaces" if self.config.interfaces is None else ",".join(self.config.interfaces)
-        )
+        interfaces = self._interfaces()
+        return "all interfaces" if isinstance(interfaces, InterfaceChoice) else ",".join(interfaces)
 
     async def aclose(self) -> None:
         """Say goodbye (peers drop us at once), stop browsing, close the sockets.

@@ -27,6 +27,7 @@ from ccied.discovery import (
     parse_txt,
     txt_record,
 )
+from zeroconf import InterfaceChoice
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 T = TypeVar("T")
@@ -301,7 +302,7 @@ GOOD_TXT = {b"name": b"cam1", b"role": b"edge", b"bundle": b"abc", b"wire": b"1"
         {b"port": b"0"},
         {b"port": b"5602"},  # differs from the SRV port
         {b"key": b"has space"},
-        {b"key": b"k" * 513},
+        {b"key": b"k" * 251},
         {b"NAME": b"cam2"},  # keys are case-insensitive: a second name
         {b"junk": b"j" * 2100},
     ],
@@ -345,6 +346,18 @@ def test_instance_names_are_dns_safe_stable_and_unique_per_address_and_port() ->
     }
     assert a not in others and len(others) == 3
     assert len(instance_name(_advertisement(name="x" * 64), host="h")) <= 56
+
+
+def test_a_loopback_peer_is_announced_on_loopback_only() -> None:
+    """Other hosts that learnt 127.0.0.1 would connect to themselves."""
+    loopback = MdnsDiscovery(NeighbourTable("a"), _advertisement())
+    assert loopback._interfaces() == ["127.0.0.1"]
+    lan = MdnsDiscovery(NeighbourTable("a"), _advertisement(addresses=("10.0.0.2",)))
+    assert lan._interfaces() is InterfaceChoice.All
+    chosen = MdnsDiscovery(
+        NeighbourTable("a"), _advertisement(), MdnsConfig(interfaces=("10.0.0.2",))
+    )
+    assert chosen._interfaces() == ["10.0.0.2"]
 
 
 def test_advertised_addresses() -> None:
