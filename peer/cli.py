@@ -14,6 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ccied.cache.policy import (
+    DEFAULT_K,
+    DEFAULT_MIN_INSERT_CONFIDENCE,
+    DEFAULT_THRESHOLD_L2,
+    DEFAULT_VOTE_MARGIN,
+    HitRule,
+)
+from ccied.cache.semantic import DEFAULT_CAPACITY
 from ccied.peer.client import Client, FrameResult
 from ccied.peer.daemon import (
     DEFAULT_LISTEN,
@@ -43,6 +51,12 @@ CONFIG_KEYS = {
     "max_pending",
     "threads",
     "log_level",
+    "cache_dir",
+    "no_cache",
+    "cache_capacity",
+    "cache_threshold",
+    "cache_margin",
+    "cache_min_confidence",
 }
 
 
@@ -105,6 +119,34 @@ def _add_peer_parser(sub: Any) -> None:
         help=f"requests in progress before answering BUSY (default {DEFAULT_MAX_PENDING})",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    c = p.add_argument_group("semantic cache")
+    c.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="keep the cache here across restarts (crash-safe); default: in memory only",
+    )
+    c.add_argument("--no-cache", action="store_true", default=None, help="turn the cache off")
+    c.add_argument(
+        "--cache-capacity", type=int, help=f"entries before eviction (default {DEFAULT_CAPACITY})"
+    )
+    c.add_argument(
+        "--cache-threshold",
+        type=float,
+        help=f"L2 distance under which the nearest entry may answer "
+        f"(default {DEFAULT_THRESHOLD_L2}, calibrated for 99%% fidelity)",
+    )
+    c.add_argument(
+        "--cache-margin",
+        type=int,
+        help=f"votes the answer must lead by among the {DEFAULT_K} nearest "
+        f"(default {DEFAULT_VOTE_MARGIN})",
+    )
+    c.add_argument(
+        "--cache-min-confidence",
+        type=float,
+        help=f"cache only answers at least this confident "
+        f"(default {DEFAULT_MIN_INSERT_CONFIDENCE})",
+    )
     p.add_argument("--config", type=Path, help="TOML file with any of these options as keys")
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
     p.set_defaults(func=cmd_peer)
@@ -147,6 +189,7 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
     peers = pick("peer") or []
     if isinstance(peers, str):
         peers = [peers]
+    cache_dir = pick("cache_dir")
     try:
         role = Role(pick("role", default=Role.EDGE.value))
     except ValueError as exc:
@@ -163,6 +206,16 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         remote_timeout_s=float(pick("remote_timeout_s", default=DEFAULT_REMOTE_TIMEOUT_S)),
         max_pending=int(pick("max_pending", default=DEFAULT_MAX_PENDING)),
         torch_threads=pick("threads"),
+        cache_enabled=not pick("no_cache", default=False),
+        cache_dir=Path(cache_dir).expanduser().absolute() if cache_dir else None,
+        cache_capacity=int(pick("cache_capacity", default=DEFAULT_CAPACITY)),
+        cache_rule=HitRule(
+            threshold_l2=float(pick("cache_threshold", default=DEFAULT_THRESHOLD_L2)),
+            vote_margin=int(pick("cache_margin", default=DEFAULT_VOTE_MARGIN)),
+            min_insert_confidence=float(
+                pick("cache_min_confidence", default=DEFAULT_MIN_INSERT_CONFIDENCE)
+            ),
+        ),
     )
 
 
@@ -250,6 +303,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    with Client(args.socket, timeout_s=args.timeout_s) as client:
+        if args.action == "clear":
+            outcome = client.clear_cache()
+            message = f"cleared {outcome['cleared']} entries"
+        else:
+            outcome = client.forget_cache_entry(args.entry)
+            message = (
+                f"forgot entry {args.entry}"
+                if outcome["forgotten"]
+                else f"no entry {args.entry} (already gone?)"
+            )
+    print(json.dumps(outcome) if args.json else message)
+    return 0 if args.action == "clear" or outcome["forgotten"] else 1
+
+
 def cmd_splits(args: argparse.Namespace) -> int:
     from ccied.pruning import load_model
 
@@ -318,6 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.set_defaults(func=cmd_status)
 
+    ca = sub.add_parser(
+        "cache",
+        parents=[common],
+        help="clear the local peer's cache, or forget one wrong entry",
+        description=(
+            "Manage the local peer's semantic cache. `ccied cache clear` drops every entry; "
+            "`ccied cache forget ID` drops the entry that gave a wrong answer (the "
+            "cache_entry field of a result with source cache). Counters: `ccied status`."
+        ),
+    )
+    ca.add_argument("action", choices=["clear", "forget"])
+    ca.add_argument("entry", nargs="?", type=int, help="entry id (for forget)")
+    ca.set_defaults(func=cmd_cache)
+
     sp = sub.add_parser(
         "splits",
         help="list a model's candidate split points",
@@ -347,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "cache" and args.action == "forget" and args.entry is None:
+        parser.error("ccied cache forget needs an entry id")
     try:
         code: int = args.func(args)
     except (PeerError, PruningError) as exc:

@@ -22,6 +22,8 @@ import zmq
 from ccied.peer.daemon import default_socket_path, runtime_dir
 from ccied.peer.errors import PeerUnavailableError, ProtocolError, RequestFailedError
 from ccied.peer.wire import (
+    CacheCommand,
+    CacheOp,
     ErrorReply,
     InferResult,
     Message,
@@ -50,6 +52,8 @@ class FrameResult:
     bytes_received: int
     head_ms: float
     tail_ms: float
+    cache_entry: int  # the entry that answered (source cache), else -1
+    cache_distance: float  # its distance to this frame's feature, else -1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +146,8 @@ class Client:
             bytes_received=reply.bytes_received,
             head_ms=reply.head_ms,
             tail_ms=reply.tail_ms,
+            cache_entry=reply.cache_entry,
+            cache_distance=reply.cache_distance,
         )
 
     def status(self, timeout_s: float | None = None) -> dict[str, Any]:
@@ -150,6 +156,20 @@ class Client:
         if not isinstance(reply, StatusReply):
             raise PeerUnavailableError(f"unexpected {reply.TYPE} reply to a status request")
         return reply.status
+
+    def _cache_command(self, op: CacheOp, entry_id: int = -1) -> dict[str, Any]:
+        reply = self._exchange(CacheCommand(request_id=uuid.uuid4().hex, op=op, entry_id=entry_id))
+        if not isinstance(reply, StatusReply):
+            raise PeerUnavailableError(f"unexpected {reply.TYPE} reply to a cache command")
+        return reply.status
+
+    def clear_cache(self) -> dict[str, Any]:
+        """Drop every cache entry; returns ``{"op": "clear", "cleared": N}``."""
+        return self._cache_command(CacheOp.CLEAR)
+
+    def forget_cache_entry(self, entry_id: int) -> dict[str, Any]:
+        """Drop one entry (one that answered wrongly); ``{"forgotten": bool, ...}``."""
+        return self._cache_command(CacheOp.FORGET, entry_id)
 
     def wait_ready(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """Block until the peer answers a status request; returns that status."""

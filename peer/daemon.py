@@ -18,25 +18,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 import stat
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 import zmq.asyncio
+from ccied.cache import (
+    BadFeatureError,
+    CacheConfig,
+    CacheError,
+    CacheStore,
+    HitRule,
+    LookupResult,
+    SemanticCache,
+    feature_dim,
+    feature_from_tensor,
+)
+from ccied.cache.semantic import DEFAULT_CAPACITY
 from ccied.peer.errors import PeerError, ProtocolError
 from ccied.peer.logutil import WarnOnce
 from ccied.peer.transport import RemoteTarget, TargetKind
 from ccied.peer.wire import (
     MAX_TENSOR_BYTES,
     WIRE_VERSION,
+    CacheCommand,
+    CacheOp,
     ErrorCode,
     ErrorReply,
     InferRequest,
@@ -96,6 +113,11 @@ class PeerConfig:
     remote_timeout_s: float = DEFAULT_REMOTE_TIMEOUT_S
     max_pending: int = DEFAULT_MAX_PENDING
     torch_threads: int | None = None
+    cache_enabled: bool = True
+    # Entries persist under cache_dir/<bundle id>/ (None: in memory only).
+    cache_dir: Path | None = None
+    cache_capacity: int = DEFAULT_CAPACITY
+    cache_rule: HitRule = field(default_factory=HitRule)
 
 
 @dataclass
@@ -128,6 +150,9 @@ class PeerDaemon:
         model = load_model(config.model)
         self.worker = ModelWorker(model, config.split)
         self.bundle_id = bundle_id(model, config.split)
+        self.cache = self._open_cache() if config.cache_enabled else None
+        # Cache writes (and their fsync) stay off the model thread and the loop.
+        self._cache_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccied-cache")
         self.counters = Counters()
         self._started = time.monotonic()
         self._pending = 0
@@ -138,6 +163,22 @@ class PeerDaemon:
         self._peer: zmq.asyncio.Socket | None = None
         self._socket_path: Path | None = None
         self.targets: list[RemoteTarget] = []
+
+    def _open_cache(self) -> SemanticCache:
+        config = CacheConfig(
+            dim=feature_dim(self.worker.point.output_shape[0]),
+            bundle_id=self.bundle_id,
+            capacity=self.config.cache_capacity,
+            rule=self.config.cache_rule,
+        )
+        store = None
+        if self.config.cache_dir is not None:
+            try:
+                folder = self.config.cache_dir / self.bundle_id
+                store = CacheStore(folder, self.bundle_id, config.dim)
+            except CacheError as exc:
+                raise PeerError(str(exc)) from exc
+        return SemanticCache(config, store)
 
     # -- life cycle -------------------------------------------------------------
 
@@ -191,8 +232,12 @@ class PeerDaemon:
         if self._context is not None:
             self._context.term()
             self._context = None
-        # The model thread ends after the forward pass under way, if any.
+        # The model thread ends after the forward pass under way, if any; then
+        # the cache writes queued so far land and the cache takes a snapshot.
         await asyncio.to_thread(self.worker.close)
+        await asyncio.to_thread(self._cache_writer.shutdown, True)
+        if self.cache is not None:
+            await asyncio.to_thread(self.cache.close)
         if self._socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._socket_path.unlink()
@@ -310,6 +355,8 @@ class PeerDaemon:
                 )
             case Submit() if local:
                 return await self._answer_frame(message)
+            case CacheCommand() if local:
+                return await self._answer_cache_command(message)
             case InferRequest() if not local:
                 return await self._answer_tensor(message)
         return ErrorReply(
@@ -319,7 +366,7 @@ class PeerDaemon:
         )
 
     async def _answer_frame(self, request: Submit) -> Message:
-        """An application's frame: head here, tail at the first target that answers."""
+        """An application's frame: head here, then the cache, then the tail somewhere."""
         self.counters.submitted += 1
         try:
             tensor, head_ms = await self.worker.head(request.pixels)
@@ -328,6 +375,84 @@ class PeerDaemon:
             return ErrorReply(
                 request_id=request.request_id, code=ErrorCode.BAD_FRAME, message=str(exc)
             )
+        feature = None
+        if self.cache is not None:
+            try:
+                feature, lookup = await self.worker.call(functools.partial(self._lookup, tensor))
+            except BadFeatureError as exc:  # e.g. an all-black frame: no usable key
+                warn_once("feature", "frame %s has no cache key: %s", request.frame_name, exc)
+            else:
+                if lookup.hit:
+                    self._count_answer(Source.CACHE)
+                    return InferResult(
+                        request_id=request.request_id,
+                        label=lookup.label,
+                        class_name=self.worker.model.spec.class_names[lookup.label],
+                        confidence=lookup.confidence,
+                        source=Source.CACHE,
+                        served_by=self.config.name,
+                        frame_name=request.frame_name,
+                        head_ms=head_ms,
+                        cache_entry=lookup.entry_id,
+                        cache_distance=lookup.distance,
+                    )
+        result = await self._resolve_miss(request, tensor, head_ms)
+        if feature is not None:
+            self._insert_later(feature, result.label, result.confidence)
+        return result
+
+    def _lookup(self, tensor: np.ndarray) -> tuple[np.ndarray, LookupResult]:
+        assert self.cache is not None
+        feature = feature_from_tensor(tensor)
+        return feature, self.cache.lookup(feature)
+
+    def _insert_later(self, feature: np.ndarray, label: int, confidence: float) -> None:
+        """Queue the answered frame for the cache; a failed write costs only that entry."""
+        cache = self.cache
+        assert cache is not None
+
+        def insert() -> None:
+            cache.insert(feature, label, confidence, self.config.name, self.bundle_id)
+
+        def done(future: Future[None]) -> None:
+            error = future.exception() if not future.cancelled() else None
+            if isinstance(error, CacheError):
+                warn_once("cache-insert", "cache entry not kept: %s", error)
+            elif error is not None:
+                log.error("cache insert failed", exc_info=error)
+
+        with contextlib.suppress(RuntimeError):  # shutting down: the writer takes no new work
+            self._cache_writer.submit(insert).add_done_callback(done)
+
+    async def _answer_cache_command(self, command: CacheCommand) -> Message:
+        cache = self.cache
+        if cache is None:
+            return ErrorReply(
+                request_id=command.request_id,
+                code=ErrorCode.UNSUPPORTED,
+                message="this peer runs without a cache (--no-cache)",
+            )
+        loop = asyncio.get_running_loop()
+        status: dict[str, Any]
+        try:
+            if command.op is CacheOp.CLEAR:
+                cleared = await loop.run_in_executor(self._cache_writer, cache.clear)
+                status = {"op": "clear", "cleared": cleared}
+            else:
+                forgotten = await loop.run_in_executor(
+                    self._cache_writer, cache.forget, command.entry_id
+                )
+                status = {"op": "forget", "entry": command.entry_id, "forgotten": forgotten}
+        except CacheError as exc:
+            return ErrorReply(
+                request_id=command.request_id, code=ErrorCode.INTERNAL, message=str(exc)
+            )
+        return StatusReply(request_id=command.request_id, bundle_id=self.bundle_id, status=status)
+
+    async def _resolve_miss(
+        self, request: Submit, tensor: np.ndarray, head_ms: float
+    ) -> InferResult:
+        """A cache miss: the tail at the first target that answers, else our own."""
         bytes_sent = bytes_received = 0
         for target in self.targets:
             exchange = await target.request(
@@ -448,6 +573,11 @@ class PeerDaemon:
             "listen": self.config.listen,
             "socket": str(self._socket_path) if self._socket_path else None,
             "targets": [target.describe() for target in self.targets],
+            "cache": (
+                {"enabled": True, **self.cache.stats()}
+                if self.cache is not None
+                else {"enabled": False}
+            ),
             "requests": {
                 "submitted": c.submitted,
                 "answered": c.answered,

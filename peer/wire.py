@@ -54,6 +54,7 @@ class MessageType(StrEnum):
     ERROR = "error"
     STATUS = "status"
     STATUS_REPLY = "status_reply"
+    CACHE = "cache"
 
 
 class ErrorCode(StrEnum):
@@ -115,6 +116,24 @@ class InferResult:
     tail_ms: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    cache_entry: int = -1  # the cache entry that answered (source cache), else -1
+    cache_distance: float = -1.0  # its feature distance, else -1
+    bundle_id: str = ""
+
+
+class CacheOp(StrEnum):
+    CLEAR = "clear"
+    FORGET = "forget"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheCommand:
+    """Application -> its local peer: clear the cache, or forget one (wrong) entry."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CACHE
+    request_id: str
+    op: CacheOp
+    entry_id: int = -1
     bundle_id: str = ""
 
 
@@ -142,7 +161,9 @@ class StatusReply:
     bundle_id: str = ""
 
 
-Message = Submit | InferRequest | InferResult | ErrorReply | StatusRequest | StatusReply
+Message = (
+    Submit | InferRequest | InferResult | ErrorReply | StatusRequest | StatusReply | CacheCommand
+)
 
 
 class WireCodec(Protocol):
@@ -182,6 +203,8 @@ class MsgpackCodec:
                     "tail_ms": float(message.tail_ms),
                     "bytes_sent": int(message.bytes_sent),
                     "bytes_received": int(message.bytes_received),
+                    "cache_entry": int(message.cache_entry),
+                    "cache_distance": float(message.cache_distance),
                 }
             case ErrorReply():
                 body = {"code": str(message.code), "message": message.message}
@@ -189,6 +212,8 @@ class MsgpackCodec:
                 body = {}
             case StatusReply():
                 body = {"status": message.status}
+            case CacheCommand():
+                body = {"op": str(message.op), "entry": int(message.entry_id)}
         descriptors = []
         buffers = []
         for tensor in tensors:
@@ -401,6 +426,8 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
                 tail_ms=number("tail_ms"),
                 bytes_sent=count("bytes_sent"),
                 bytes_received=count("bytes_received"),
+                cache_entry=_get(body, "cache_entry", int, request_id),
+                cache_distance=number("cache_distance"),
             )
         case MessageType.ERROR:
             try:
@@ -412,6 +439,17 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
             )
         case MessageType.STATUS:
             return StatusRequest(request_id=request_id, bundle_id=bundle_id)
+        case MessageType.CACHE:
+            try:
+                op = CacheOp(text("op"))
+            except ValueError as exc:
+                raise ProtocolError(f"unknown cache op {body.get('op')!r}", request_id) from exc
+            return CacheCommand(
+                request_id=request_id,
+                bundle_id=bundle_id,
+                op=op,
+                entry_id=_get(body, "entry", int, request_id),
+            )
         case MessageType.STATUS_REPLY:
             return StatusReply(
                 request_id=request_id,

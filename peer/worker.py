@@ -50,6 +50,10 @@ class ModelWorker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn)
 
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run other CPU work that belongs with the model (cache lookups) on its thread."""
+        return await self._run(fn)
+
     async def warm_up(self) -> None:
         """One forward pass on zeros, so the first real frame is not the slow one."""
         size = self.model.spec.input_size

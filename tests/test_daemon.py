@@ -60,7 +60,8 @@ def cluster(workdir: Path) -> Iterator[tuple[PeerProcess, PeerProcess]]:
         role="edge",
         listen=f"tcp://127.0.0.1:{free_tcp_port()}",
         socket_path=workdir / "cam1.sock",
-        extra_args=["--cloud", cloud_address],
+        # Routing tests: without the cache every frame crosses the network.
+        extra_args=["--cloud", cloud_address, "--no-cache"],
         log_path=workdir / "cam1.log",
     )
     try:
@@ -264,7 +265,7 @@ def test_the_edge_fails_over_when_the_cloud_dies_and_returns_when_it_is_back(
         "edge",
         "none",
         workdir / "cam2.sock",
-        extra_args=["--cloud", address, "--remote-timeout-s", "1"],
+        extra_args=["--cloud", address, "--remote-timeout-s", "1", "--no-cache"],
     )
     cloud.start()
     edge.start()
