@@ -139,6 +139,8 @@ class SemanticCache:
         self._index_kind = "flat"
         self._rebuilding = False
         self._pending_changes: list[tuple[str, int]] | None = None
+        # Bumped by clear(): an IVF index trained before it holds dropped entries.
+        self._generation = 0
         self._next_id = 1
         self._records_since_snapshot = 0
         self.hits = self.misses = self.inserts = self.evictions = self.refused = 0
@@ -182,7 +184,8 @@ class SemanticCache:
         )
 
     def _build_ivf(self, ids: np.ndarray, vectors: np.ndarray) -> Any:
-        nlist = int(min(4096, max(16, 4 * math.sqrt(len(ids)))))
+        # FAISS refuses to train more lists than vectors (a small ivf_min_entries).
+        nlist = min(len(ids), int(min(4096, max(16, 4 * math.sqrt(len(ids))))))
         quantizer = faiss.IndexFlatL2(self.config.dim)
         index = faiss.IndexIVFFlat(quantizer, self.config.dim, nlist)
         index.nprobe = self.config.nprobe
@@ -201,24 +204,36 @@ class SemanticCache:
         vectors = np.stack([e.feature for e in self._entries.values()])
         self._rebuilding = True
         self._pending_changes = []
+        generation = self._generation
         if self.config.background_rebuild:
             threading.Thread(
-                target=self._rebuild, args=(ids, vectors), name="ccied-cache-ivf", daemon=True
+                target=self._rebuild,
+                args=(ids, vectors, generation),
+                name="ccied-cache-ivf",
+                daemon=True,
             ).start()
         else:
-            self._rebuild(ids, vectors, locked=True)
+            self._rebuild(ids, vectors, generation, locked=True)
 
-    def _rebuild(self, ids: np.ndarray, vectors: np.ndarray, locked: bool = False) -> None:
+    def _rebuild(
+        self, ids: np.ndarray, vectors: np.ndarray, generation: int, locked: bool = False
+    ) -> None:
         try:
             index = self._build_ivf(ids, vectors)
         except Exception:  # a failed rebuild must leave the working flat index alone
             log.exception("IVF rebuild failed; staying on the flat index")
-            self._rebuilding = False
-            return
+            index = None
 
         def swap() -> None:
+            if generation != self._generation:
+                return  # clear() ran meanwhile: this index holds dropped entries
+            changes = self._pending_changes or []
+            self._pending_changes = None
+            self._rebuilding = False
+            if index is None:
+                return
             # Replay what changed while training, then swap.
-            for op, entry_id in self._pending_changes or []:
+            for op, entry_id in changes:
                 if op == "add" and entry_id in self._entries:
                     self._index_add(
                         index, np.array([entry_id]), self._entries[entry_id].feature[None]
@@ -226,8 +241,6 @@ class SemanticCache:
                 elif op == "remove":
                     index.remove_ids(np.array([entry_id], dtype=np.int64))
             self._index, self._index_kind = index, "ivf"
-            self._pending_changes = None
-            self._rebuilding = False
             log.info("cache index switched to IVF (%d entries)", len(self._entries))
 
         if locked:
@@ -289,7 +302,10 @@ class SemanticCache:
                             self._entries.move_to_end(entry.entry_id)
                 else:
                     self.misses += 1
-        nearest = found[0][1] if found else None
+        # On a hit, the closest entry that voted for the answer: the one a user
+        # forgets when the answer was wrong (an outvoted nearest entry did not answer).
+        voters = [e for _, e in found if e.label == decision.label] if decision.hit else []
+        nearest = voters[0] if voters else (found[0][1] if found else None)
         return LookupResult(
             hit=decision.hit,
             label=decision.label,
@@ -388,7 +404,19 @@ class SemanticCache:
             self._index_kind = "flat"
             self._pending_changes = None
             self._rebuilding = False
+            self._generation += 1
             return count
+
+    def hot_entries(self, count: int) -> list[Entry]:
+        """The ``count`` entries that answered most often, most recent first on ties.
+
+        What a neighbour that starts late receives, so it starts warm.
+        """
+        with self._lock.read():
+            entries = list(self._entries.values())
+        recency = {entry.entry_id: rank for rank, entry in enumerate(entries)}
+        entries.sort(key=lambda e: (e.hits, recency[e.entry_id]), reverse=True)
+        return entries[:count]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -417,12 +445,14 @@ class SemanticCache:
         """Write a snapshot now (on clean shutdown); False if the disk refused it."""
         if self._store is None:
             return False
-        with self._lock.read():
+        # Writers wait: an entry appended to the log between reading the rows
+        # and resetting the log would be in neither file.
+        with self._lock.write():
             rows = [self._stored(e) for e in self._entries.values()]
-        ok = self._store.snapshot(rows, self._next_id)
-        if ok:
-            self._records_since_snapshot = 0
-        return ok
+            ok = self._store.snapshot(rows, self._next_id)
+            if ok:
+                self._records_since_snapshot = 0
+            return ok
 
     def close(self) -> None:
         if self._store is not None:

@@ -118,7 +118,15 @@ class CacheStore:
         if snapshot.exists():
             try:
                 entries, next_id, seq = self._read_snapshot(snapshot)
-            except (ValueError, KeyError, TypeError, struct.error, msgpack.UnpackException) as exc:
+            except (
+                ValueError,
+                KeyError,
+                TypeError,
+                IndexError,  # columns shorter than the header's count
+                OverflowError,
+                struct.error,
+                msgpack.UnpackException,
+            ) as exc:
                 # Corrupt, truncated by hand, or another bundle's: keep it for
                 # inspection, start empty, and never replay a log onto nothing.
                 self._move_aside(snapshot, exc)
@@ -254,8 +262,13 @@ class CacheStore:
         blob = _RECORD_HEAD.pack(len(payload), zlib.crc32(payload)) + payload
         try:
             if self._log is None:
-                self._log = (self.folder / LOG_NAME).open("ab")
+                path = self.folder / LOG_NAME
+                created = not path.exists()
+                self._log = path.open("ab")
                 self._good_size = self._log.tell()
+                if created and self.fsync:
+                    # A new file's name is durable only once its folder is fsynced.
+                    _fsync_folder(self.folder)
             self._log.write(blob)
             self._log.flush()
             if self.fsync:
