@@ -657,5 +657,7 @@ CRASH_ITERATIONS = int(os.environ.get("CCIED_CRASH_ITERATIONS", "5"))
 
 
 def test_sigkill_at_random_moments_loses_no_acknowledged_entry(tmp_path: Path) -> None:
+    start = time.monotonic()
     figures = run_crash_iterations(tmp_path, CRASH_ITERATIONS, seed=1)
+    print(f"crash run: {figures}, {time.monotonic() - start:.1f} s")  # shown with -s
     assert figures["acknowledged_inserts"] > CRASH_ITERATIONS
