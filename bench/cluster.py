@@ -45,6 +45,8 @@ class PeerProcess:
     extra_args: Sequence[str] = ()
     log_path: Path | None = None
     threads: int | None = 1
+    # mDNS on 127.0.0.1 under this service type (None: --no-discovery).
+    mdns_service_type: str | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _log: IO[bytes] | None = field(default=None, init=False)
 
@@ -55,8 +57,11 @@ class PeerProcess:
             "--name", self.name,
             "--listen", self.listen,
             "--socket", str(self.socket_path),
-            "--no-discovery",
         ]  # fmt: skip
+        if self.mdns_service_type:
+            cmd += ["--interface", "127.0.0.1", "--mdns-service-type", self.mdns_service_type]
+        else:
+            cmd.append("--no-discovery")
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         return [*cmd, *self.extra_args]
@@ -87,14 +92,37 @@ class PeerProcess:
                     raise PeerUnavailableError(f"peer {self.name} not ready in {timeout_s} s")
                 time.sleep(0.1)
 
-    def wait_connected(self, timeout_s: float = 30.0) -> None:
-        """Block until every target of this peer reports a completed connection."""
-        deadline = time.monotonic() + timeout_s
+    def static_targets(self) -> list[str]:
+        """The --cloud and --peer addresses this peer was started with."""
+        args = list(self.extra_args)
+        return [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--cloud", "--peer")]
+
+    def neighbours(self) -> list[dict[str, Any]]:
         with Client(self.socket_path, timeout_s=5.0) as client:
-            while not all(t["connected"] for t in client.status()["targets"]):
-                if time.monotonic() > deadline:
-                    raise PeerUnavailableError(f"peer {self.name}: targets not connected")
-                time.sleep(0.05)
+            found: list[dict[str, Any]] = client.status()["neighbours"]
+            return found
+
+    def wait_neighbours(
+        self, addresses: Sequence[str] | None = None, count: int = 0, timeout_s: float = 30.0
+    ) -> list[dict[str, Any]]:
+        """Block until the given addresses (default: its static targets) are live
+        neighbours, and at least ``count`` neighbours are live."""
+        expected = set(self.static_targets() if addresses is None else addresses)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            live = self.neighbours()
+            if expected <= {n["address"] for n in live} and len(live) >= count:
+                return live
+            if time.monotonic() > deadline:
+                raise PeerUnavailableError(
+                    f"peer {self.name}: neighbours {sorted(expected)} (or {count}) not live "
+                    f"in {timeout_s} s; live: {[n['name'] for n in live]}"
+                )
+            time.sleep(0.05)
+
+    def wait_connected(self, timeout_s: float = 30.0) -> None:
+        """Block until every static target of this peer is a live neighbour."""
+        self.wait_neighbours(timeout_s=timeout_s)
 
     def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait, SIGKILL if needed; returns the exit code."""

@@ -50,10 +50,16 @@ def run_demo(every: int = 10, limit: int | None = None, json_out: bool = False) 
             role="edge",
             listen=f"tcp://127.0.0.1:{free_tcp_port()}",
             socket_path=sockets / "cam1.sock",
-            extra_args=["--cloud", cloud_address],
+            # An emulated phone-class edge (4x slower than this machine): the
+            # cloud is then faster for the tail, so the edge offloads its misses.
+            extra_args=["--cloud", cloud_address, "--slowdown", "4"],
             log_path=Path(tmp) / "cam1.log",
         )
-        print("starting cloud1 and cam1 on 127.0.0.1 (separate processes) ...", flush=True)
+        print(
+            "starting cloud1 and cam1 (edge emulated 4x slower) on 127.0.0.1 as separate "
+            "processes ...",
+            flush=True,
+        )
         results: dict[str, list[tuple[FrameResult, bool]]] = defaultdict(list)
         with running([cloud, edge]), Client(edge.socket_path) as client:
             for clip in bundled_clips():

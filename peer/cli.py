@@ -57,6 +57,12 @@ CONFIG_KEYS = {
     "cache_threshold",
     "cache_margin",
     "cache_min_confidence",
+    "no_discovery",
+    "interface",
+    "share_cache",
+    "slowdown",
+    "link_mbps",
+    "link_rtt_ms",
 }
 
 
@@ -104,8 +110,13 @@ def _add_peer_parser(sub: Any) -> None:
     p.add_argument(
         "--no-discovery",
         action="store_true",
-        help="use only --cloud/--peer targets. mDNS discovery is not built yet, so this "
-        "is the only mode today and the flag is accepted for forward compatibility",
+        default=None,
+        help="no mDNS: use only the --cloud/--peer addresses (networks without multicast)",
+    )
+    p.add_argument(
+        "--interface",
+        metavar="IP",
+        help="run mDNS on this interface only (default: those the listen address implies)",
     )
     p.add_argument(
         "--remote-timeout-s",
@@ -142,12 +153,28 @@ def _add_peer_parser(sub: Any) -> None:
         f"(default {DEFAULT_VOTE_MARGIN})",
     )
     c.add_argument(
+        "--share-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send learned entries to neighbours and take theirs (default: on)",
+    )
+    c.add_argument(
         "--cache-min-confidence",
         type=float,
         help=f"cache only answers at least this confident "
         f"(default {DEFAULT_MIN_INSERT_CONFIDENCE})",
     )
+    e = p.add_argument_group("emulation (benchmarks; reported in status)")
+    e.add_argument(
+        "--slowdown",
+        type=float,
+        help="emulate a device this many times slower (each forward pass is stretched)",
+    )
+    e.add_argument("--link-mbps", type=float, help="emulate an uplink of this bandwidth")
+    e.add_argument("--link-rtt-ms", type=float, help="emulate this round-trip time per message")
     p.add_argument("--config", type=Path, help="TOML file with any of these options as keys")
+    # Tests keep their mDNS apart from other peers on the machine.
+    p.add_argument("--mdns-service-type", help=argparse.SUPPRESS)
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
     p.set_defaults(func=cmd_peer)
 
@@ -169,6 +196,17 @@ def _none_or(value: Any) -> Any:
     return None if isinstance(value, str | Path) and str(value).lower() == "none" else value
 
 
+def default_peer_name() -> str:
+    """The host name, or host-2, host-3... when peers of that name already run here."""
+    base = "".join(c if c.isalnum() or c in "._-" else "-" for c in os.uname().nodename)
+    base = base.strip("-.") or "peer"
+    for index in range(1, 100):
+        name = base if index == 1 else f"{base}-{index}"
+        if not default_socket_path(name).exists():
+            return name
+    return f"{base}-{os.getpid()}"
+
+
 def peer_config(args: argparse.Namespace) -> PeerConfig:
     """Options from the command line override the config file, which overrides defaults."""
     file = _load_config(args.config)
@@ -179,7 +217,7 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
             value = file.get(key or option, default)
         return value
 
-    name = pick("name") or os.uname().nodename
+    name = pick("name") or default_peer_name()
     socket_option = pick("socket")
     socket_path = (
         default_socket_path(name) if socket_option is None else _none_or(Path(socket_option))
@@ -209,6 +247,13 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         cache_enabled=not pick("no_cache", default=False),
         cache_dir=Path(cache_dir).expanduser().absolute() if cache_dir else None,
         cache_capacity=int(pick("cache_capacity", default=DEFAULT_CAPACITY)),
+        share_cache=bool(pick("share_cache", default=True)),
+        discovery=not pick("no_discovery", default=False),
+        interface=pick("interface"),
+        slowdown=float(pick("slowdown", default=1.0)),
+        link_bandwidth_mbps=pick("link_mbps"),
+        link_rtt_ms=float(pick("link_rtt_ms", default=0.0)),
+        mdns_service_type=args.mdns_service_type,
         cache_rule=HitRule(
             threshold_l2=float(pick("cache_threshold", default=DEFAULT_THRESHOLD_L2)),
             vote_margin=int(pick("cache_margin", default=DEFAULT_VOTE_MARGIN)),
@@ -294,11 +339,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"by source {req['by_source']}  failovers {req['failovers']}  errors {req['errors']}  "
         f"busy {req['busy']}  served for peers {req['served_for_peers']}"
     )
-    for target in status["targets"]:
+    cache = status["cache"]
+    if cache["enabled"]:
         print(
-            f"target   {target['address']} ({target['kind']}): sent {target['sent']} "
-            f"answered {target['answered']} failures {target['failures']} "
-            f"last rtt {target['last_rtt_ms']} ms {target['last_error']}"
+            f"cache    {cache['entries']} entries  hits {cache['hits']}  misses {cache['misses']}"
+            f"  hit rate {cache['hit_rate']:.1%}  index {cache['index']}"
+            f"  persistent {cache['persistent']}"
+        )
+    else:
+        print("cache    off")
+    for n in status["neighbours"]:
+        bandwidth = f"{n['bandwidth_mbps']:.0f} Mbit/s" if n["bandwidth_mbps"] else "bw ?"
+        print(
+            f"neighbour {n['name']} ({n['role']}) {n['address']}  rtt {n['rtt_ms']:.1f} ms  "
+            f"{bandwidth}  load {n['load']:.2f}  seen {n['last_seen_s']:.1f} s ago"
         )
     return 0
 

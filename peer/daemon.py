@@ -46,20 +46,34 @@ from ccied.cache import (
     feature_from_tensor,
 )
 from ccied.cache.semantic import DEFAULT_CAPACITY
+from ccied.discovery import (
+    Advertisement,
+    DiscoveryError,
+    MdnsConfig,
+    MdnsDiscovery,
+    NeighbourTable,
+    advertised_addresses,
+)
+from ccied.peer.cluster import Cluster, ClusterConfig, LocalLoad, SharedEntry, share_message
 from ccied.peer.errors import PeerError, ProtocolError
 from ccied.peer.logutil import WarnOnce
-from ccied.peer.transport import RemoteTarget, TargetKind
+from ccied.peer.routing import Candidate, TargetKind, plan
+from ccied.peer.transport import EmulatedLink
 from ccied.peer.wire import (
+    MAX_SHARED_ENTRIES,
     MAX_TENSOR_BYTES,
     WIRE_VERSION,
     CacheCommand,
     CacheOp,
+    CacheShare,
+    CacheSync,
     ErrorCode,
     ErrorReply,
     InferRequest,
     InferResult,
     Message,
     MsgpackCodec,
+    Ping,
     Source,
     StatusReply,
     StatusRequest,
@@ -73,7 +87,9 @@ from ccied.pruning.bundle import bundle_id
 log = logging.getLogger(__name__)
 warn_once = WarnOnce(log)
 
-DEFAULT_LISTEN = "tcp://127.0.0.1:5600"
+# Loopback and a port the OS picks: several peers can run on one machine and
+# find each other over mDNS; give a LAN address to reach other hosts.
+DEFAULT_LISTEN = "tcp://127.0.0.1:*"
 DEFAULT_REMOTE_TIMEOUT_S = 2.0
 DEFAULT_MAX_PENDING = 32
 # Unix socket paths are limited to 107 bytes by the kernel (sun_path).
@@ -118,6 +134,16 @@ class PeerConfig:
     cache_dir: Path | None = None
     cache_capacity: int = DEFAULT_CAPACITY
     cache_rule: HitRule = field(default_factory=HitRule)
+    share_cache: bool = True
+    discovery: bool = True
+    # mDNS on this interface only (None: the interfaces the listen address implies).
+    interface: str | None = None
+    # Emulated slower device and uplink (benchmarks); 1.0 / None mean real.
+    slowdown: float = 1.0
+    link_bandwidth_mbps: float | None = None
+    link_rtt_ms: float = 0.0
+    # Only tests change these.
+    mdns_service_type: str | None = None
 
 
 @dataclass
@@ -148,21 +174,29 @@ class PeerDaemon:
 
             torch.set_num_threads(config.torch_threads)
         model = load_model(config.model)
-        self.worker = ModelWorker(model, config.split)
+        try:
+            self.worker = ModelWorker(model, config.split, slowdown=config.slowdown)
+            self.link = EmulatedLink(config.link_bandwidth_mbps, config.link_rtt_ms)
+        except ValueError as exc:
+            raise PeerError(str(exc)) from exc
         self.bundle_id = bundle_id(model, config.split)
         self.cache = self._open_cache() if config.cache_enabled else None
         # Cache writes (and their fsync) stay off the model thread and the loop.
         self._cache_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccied-cache")
         self.counters = Counters()
         self._started = time.monotonic()
-        self._pending = 0
+        self._pending = 0  # requests of any kind in progress (bounded by max_pending)
+        self._computing = 0  # frames and tensors among them: what queues for the model
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._context: zmq.asyncio.Context | None = None
         self._local: zmq.asyncio.Socket | None = None
         self._peer: zmq.asyncio.Socket | None = None
         self._socket_path: Path | None = None
-        self.targets: list[RemoteTarget] = []
+        self.listen_address = ""  # the bound address, port resolved
+        self.table = NeighbourTable(config.name)
+        self.cluster: Cluster | None = None
+        self.discovery: MdnsDiscovery | None = None
 
     def _open_cache(self) -> SemanticCache:
         config = CacheConfig(
@@ -189,29 +223,93 @@ class PeerDaemon:
         self._context = zmq.asyncio.Context()
         try:
             self._bind()
+            self.cluster = Cluster(
+                ClusterConfig(
+                    name=self.config.name,
+                    role=str(self.config.role),
+                    bundle_id=self.bundle_id,
+                    listen_address=self.listen_address,
+                    static_addresses=self._static_addresses(),
+                    share_cache=self.config.share_cache and self.cache is not None,
+                ),
+                self._context,
+                self.codec,
+                self.table,
+                self.link,
+                self._local_load,
+                self._accept_shared,
+            )
+            self.discovery = self._make_discovery()
             log.info(
-                "peer %s (%s) ready: bundle %s, split %s, listen %s, socket %s, targets %s",
+                "peer %s (%s) ready: bundle %s, split %s, listen %s, socket %s, "
+                "static peers %s, discovery %s",
                 self.config.name,
                 self.config.role,
                 self.bundle_id,
                 self.config.split,
-                self.config.listen or "-",
+                self.listen_address or "-",
                 self._socket_path or "-",
-                [t.address for t in self.targets] or "-",
+                list(self._static_addresses()) or "-",
+                "mDNS" if self.discovery else "off",
             )
             async with asyncio.TaskGroup() as group:
                 if self._local is not None:
                     group.create_task(self._serve(self._local, local=True))
                 if self._peer is not None:
                     group.create_task(self._serve(self._peer, local=False))
-                for target in self.targets:
-                    group.create_task(target.run())
+                group.create_task(self.cluster.run())
+                if self.discovery is not None:
+                    group.create_task(self._run_discovery(self.discovery))
                 await self._stop.wait()
                 raise _Stopping
         except* _Stopping:
             pass
         finally:
             await self.aclose()
+
+    def _static_addresses(self) -> tuple[str, ...]:
+        if self.config.role is Role.CLOUD:
+            return ()
+        return (*self.config.peers, *((self.config.cloud,) if self.config.cloud else ()))
+
+    def _make_discovery(self) -> MdnsDiscovery | None:
+        if not self.config.discovery:
+            return None
+        advertisement = None
+        if self.listen_address:
+            host, _, port = self.listen_address.removeprefix("tcp://").rpartition(":")
+            interfaces = [self.config.interface] if self.config.interface else None
+            try:
+                advertisement = Advertisement(
+                    name=self.config.name,
+                    role=str(self.config.role),
+                    bundle_id=self.bundle_id,
+                    wire_version=WIRE_VERSION,
+                    port=int(port),
+                    addresses=advertised_addresses(host, interfaces),
+                )
+            except (DiscoveryError, ValueError) as exc:
+                raise PeerError(f"cannot advertise this peer over mDNS: {exc}") from exc
+        mdns = MdnsConfig(interfaces=(self.config.interface,) if self.config.interface else None)
+        if self.config.mdns_service_type:
+            mdns = MdnsConfig(
+                interfaces=mdns.interfaces, service_type=self.config.mdns_service_type
+            )
+        return MdnsDiscovery(self.table, advertisement, mdns)
+
+    async def _run_discovery(self, discovery: MdnsDiscovery) -> None:
+        try:
+            await discovery.run()
+        except DiscoveryError as exc:
+            # Static peers still work; say why nobody is discovered.
+            log.warning("mDNS discovery is off: %s (use --peer/--cloud)", exc)
+
+    def _local_load(self) -> LocalLoad:
+        return LocalLoad(
+            load=self._computing / self.config.max_pending,
+            queue_length=self._computing,
+            tail_ms=self.worker.tail_ms_ewma,
+        )
 
     def request_stop(self) -> None:
         """Ask ``run()`` to return (safe from a signal handler on the loop)."""
@@ -222,9 +320,8 @@ class PeerDaemon:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for target in self.targets:
-            target.close()
-        self.targets = []
+        if self.cluster is not None:
+            await self.cluster.aclose()
         for sock in (self._local, self._peer):
             if sock is not None:
                 sock.close(linger=0)
@@ -248,6 +345,9 @@ class PeerDaemon:
         assert self._context is not None
         if self.config.listen:
             self._peer = self._router(self.config.listen)
+            endpoint = self._peer.getsockopt(zmq.LAST_ENDPOINT)
+            assert isinstance(endpoint, bytes)
+            self.listen_address = endpoint.decode()
         if self.config.socket_path is not None:
             path = self.config.socket_path
             _prepare_socket_path(path)
@@ -259,15 +359,6 @@ class PeerDaemon:
                 os.umask(old_umask)
             os.chmod(path, 0o600)
             self._socket_path = path
-        if self.config.role is Role.EDGE:
-            for address in self.config.peers:
-                self.targets.append(
-                    RemoteTarget(self._context, address, TargetKind.PEER, self.codec)
-                )
-            if self.config.cloud:
-                self.targets.append(
-                    RemoteTarget(self._context, self.config.cloud, TargetKind.CLOUD, self.codec)
-                )
 
     def _router(self, address: str) -> zmq.asyncio.Socket:
         assert self._context is not None
@@ -354,11 +445,30 @@ class PeerDaemon:
                     request_id=message.request_id, bundle_id=self.bundle_id, status=self.status()
                 )
             case Submit() if local:
-                return await self._answer_frame(message)
+                self._computing += 1
+                try:
+                    return await self._answer_frame(message)
+                finally:
+                    self._computing -= 1
             case CacheCommand() if local:
                 return await self._answer_cache_command(message)
             case InferRequest() if not local:
-                return await self._answer_tensor(message)
+                self._computing += 1
+                try:
+                    return await self._answer_tensor(message)
+                finally:
+                    self._computing -= 1
+            case Ping() if not local and self.cluster is not None:
+                return self.cluster.pong_for(message)
+            case CacheShare() if not local:
+                accepted = self._accept_shared(message, "")
+                return StatusReply(
+                    request_id=message.request_id,
+                    bundle_id=self.bundle_id,
+                    status={"accepted": accepted},
+                )
+            case CacheSync() if not local:
+                return await self._answer_sync(message)
         return ErrorReply(
             request_id=message.request_id,
             code=ErrorCode.UNSUPPORTED,
@@ -410,9 +520,14 @@ class PeerDaemon:
         """Queue the answered frame for the cache; a failed write costs only that entry."""
         cache = self.cache
         assert cache is not None
+        loop = asyncio.get_running_loop()
 
         def insert() -> None:
-            cache.insert(feature, label, confidence, self.config.name, self.bundle_id)
+            entry_id = cache.insert(feature, label, confidence, self.config.name, self.bundle_id)
+            if entry_id is not None and self.cluster is not None:
+                # Shared from the loop: the cluster's outbox is loop-only.
+                entry = SharedEntry(feature, label, confidence, self.config.name)
+                loop.call_soon_threadsafe(self.cluster.share, entry)
 
         def done(future: Future[None]) -> None:
             error = future.exception() if not future.cancelled() else None
@@ -449,13 +564,80 @@ class PeerDaemon:
             )
         return StatusReply(request_id=command.request_id, bundle_id=self.bundle_id, status=status)
 
+    def _accept_shared(self, share: CacheShare, sender: str) -> int:
+        """Queue entries a neighbour shared for our cache; returns how many were sane.
+
+        Only entries of our bundle with a valid feature, label and confidence are
+        taken; they keep their origin and are not shared on (no loops).
+        """
+        cache = self.cache
+        if cache is None or share.bundle_id != self.bundle_id:
+            if cache is not None:
+                warn_once(f"share-bundle:{sender}", "ignored cache entries of another bundle")
+            return 0
+        classes = len(self.worker.model.spec.class_names)
+        entries = []
+        for feature, label, confidence, origin in zip(
+            share.features, share.labels, share.confidences, share.origins, strict=True
+        ):
+            try:
+                vector = cache.check_feature(feature)
+            except BadFeatureError as exc:
+                warn_once(f"share-feature:{sender}", "ignored a shared entry: %s", exc)
+                continue
+            if 0 <= label < classes and 0.0 <= confidence <= 1.0:
+                entries.append((vector, label, confidence, origin))
+
+        def insert() -> None:
+            for vector, label, confidence, origin in entries:
+                try:
+                    cache.insert(vector, label, confidence, origin, self.bundle_id)
+                except CacheError as exc:
+                    warn_once("share-insert", "shared cache entry not kept: %s", exc)
+
+        with contextlib.suppress(RuntimeError):  # shutting down: the writer takes no new work
+            self._cache_writer.submit(insert)
+        if self.cluster is not None:
+            self.cluster.shared_in += len(entries)
+        return len(entries)
+
+    async def _answer_sync(self, request: CacheSync) -> Message:
+        """A neighbour that just came up asks for our hottest entries."""
+        cache = self.cache
+        if cache is None or request.bundle_id != self.bundle_id:
+            return ErrorReply(
+                request_id=request.request_id,
+                code=ErrorCode.UNSUPPORTED if cache is None else ErrorCode.BUNDLE_MISMATCH,
+                message="no cache here" if cache is None else "another bundle",
+            )
+        loop = asyncio.get_running_loop()
+        count = min(request.max_entries, MAX_SHARED_ENTRIES)
+        rows = await loop.run_in_executor(self._cache_writer, cache.hot_entries, count)
+        if not rows:
+            return StatusReply(request_id=request.request_id, status={"entries": 0})
+        message = share_message(
+            [SharedEntry(e.feature, e.label, e.confidence, e.origin) for e in rows],
+            self.bundle_id,
+        )
+        return CacheShare(**{**message.__dict__, "request_id": request.request_id})
+
     async def _resolve_miss(
         self, request: Submit, tensor: np.ndarray, head_ms: float
     ) -> InferResult:
         """A cache miss: the tail at the first target that answers, else our own."""
         bytes_sent = bytes_received = 0
-        for target in self.targets:
-            exchange = await target.request(
+        assert self.cluster is not None
+        local = Candidate(
+            name=self.config.name,
+            kind=TargetKind.LOCAL,
+            address="",
+            tail_ms=self.worker.tail_ms_ewma,
+            queue_length=max(0, self._computing - 1),
+        )
+        route = plan([local, *self.cluster.candidates()], tensor.nbytes)
+        for target in route[:-1]:
+            exchange = await self.cluster.request(
+                target,
                 InferRequest(
                     request_id=uuid.uuid4().hex,
                     bundle_id=self.bundle_id,
@@ -570,9 +752,12 @@ class PeerDaemon:
                 "float32_bytes": point.float32_bytes,
                 "compute_fraction": round(point.compute_fraction, 4),
             },
-            "listen": self.config.listen,
+            "listen": self.listen_address or None,
             "socket": str(self._socket_path) if self._socket_path else None,
-            "targets": [target.describe() for target in self.targets],
+            "neighbours": self.table.snapshot(),
+            "cluster": self.cluster.describe() if self.cluster is not None else {},
+            "discovery": "mdns" if self.discovery is not None else "off",
+            "emulated_slowdown": self.worker.slowdown,
             "cache": (
                 {"enabled": True, **self.cache.stats()}
                 if self.cache is not None

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import zmq
 import zmq.asyncio
@@ -28,9 +27,39 @@ warn_once = WarnOnce(log)
 SEND_QUEUE_MESSAGES = 64
 
 
-class TargetKind(StrEnum):
-    CLOUD = "cloud"
-    PEER = "peer"
+class EmulatedLink:
+    """An uplink slower than loopback, emulated in the sender (said so in status).
+
+    Kernel netem is not available on our test machines, so a peer can be told
+    its uplink has ``bandwidth_mbps`` and ``rtt_ms``: before each message goes
+    out it waits the upload time (one message at a time, as on a real link)
+    and the round trip.
+    """
+
+    def __init__(self, bandwidth_mbps: float | None = None, rtt_ms: float = 0.0) -> None:
+        if (bandwidth_mbps is not None and bandwidth_mbps <= 0) or rtt_ms < 0:
+            raise ValueError("emulated bandwidth must be positive and rtt non-negative")
+        self.bandwidth_mbps = bandwidth_mbps
+        self.rtt_ms = rtt_ms
+        self._uplink = asyncio.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self.bandwidth_mbps is not None or self.rtt_ms > 0
+
+    async def delay(self, num_bytes: int) -> None:
+        if self.bandwidth_mbps is not None:
+            async with self._uplink:
+                await asyncio.sleep(num_bytes * 8 / (self.bandwidth_mbps * 1e6))
+        if self.rtt_ms > 0:
+            await asyncio.sleep(self.rtt_ms / 1e3)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "emulated": self.active,
+            "bandwidth_mbps": self.bandwidth_mbps,
+            "rtt_ms": self.rtt_ms,
+        }
 
 
 @dataclass(frozen=True)
@@ -55,17 +84,17 @@ class TargetStats:
 
 
 class RemoteTarget:
-    """A cloud or peer at a ZeroMQ address, reached through one DEALER socket."""
+    """Another peer (edge or cloud) at a ZeroMQ address, reached through one DEALER socket."""
 
     def __init__(
         self,
         context: zmq.asyncio.Context,
         address: str,
-        kind: TargetKind,
         codec: WireCodec,
+        link: EmulatedLink | None = None,
     ) -> None:
         self.address = address
-        self.kind = kind
+        self.link = link
         self.stats = TargetStats()
         self._codec = codec
         self._pending: dict[str, asyncio.Future[tuple[Message, int]]] = {}
@@ -125,6 +154,8 @@ class RemoteTarget:
         self._pending[message.request_id] = waiter
         sent = 0
         try:
+            if self.link is not None and self.link.active:
+                await self.link.delay(message_bytes(frames))
             try:
                 await self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -154,7 +185,6 @@ class RemoteTarget:
         """Status of this target for ``ccied status``."""
         return {
             "address": self.address,
-            "kind": str(self.kind),
             "connected": self.connected,
             "sent": self.stats.sent,
             "answered": self.stats.answered,

@@ -55,6 +55,10 @@ class MessageType(StrEnum):
     STATUS = "status"
     STATUS_REPLY = "status_reply"
     CACHE = "cache"
+    PING = "ping"
+    PONG = "pong"
+    CACHE_SHARE = "cache_share"
+    CACHE_SYNC = "cache_sync"
 
 
 class ErrorCode(StrEnum):
@@ -71,6 +75,10 @@ class Source(StrEnum):
     """Where an answer was computed, as seen by the application."""
 
     CACHE = "cache"
+    PING = "ping"
+    PONG = "pong"
+    CACHE_SHARE = "cache_share"
+    CACHE_SYNC = "cache_sync"
     LOCAL = "local"
     PEER = "peer"
     CLOUD = "cloud"
@@ -138,6 +146,51 @@ class CacheCommand:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Ping:
+    """Peer -> peer heartbeat: who I am and how busy I am. Answered by a Pong."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PING
+    request_id: str
+    bundle_id: str
+    name: str
+    role: str
+    address: str  # where this peer listens for peers (tcp://IP:PORT), '' if it does not
+    load: float  # requests in progress / the most this peer queues
+    queue_length: int  # requests in progress
+    tail_ms: float  # this peer's recent tail compute time (EWMA; 0 if unknown)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pong(Ping):
+    """The heartbeat answer, with the same fields about the answering peer."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PONG
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheShare:
+    """Peer -> peer: cache entries learned elsewhere (features as one (N, dim) float32 tensor)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CACHE_SHARE
+    request_id: str
+    bundle_id: str
+    origins: list[str]
+    labels: list[int]
+    confidences: list[float]
+    features: np.ndarray
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSync:
+    """Peer -> peer: send me up to ``max_entries`` of your hottest entries (a CacheShare)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CACHE_SYNC
+    request_id: str
+    bundle_id: str
+    max_entries: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class ErrorReply:
     TYPE: ClassVar[MessageType] = MessageType.ERROR
     request_id: str
@@ -162,8 +215,21 @@ class StatusReply:
 
 
 Message = (
-    Submit | InferRequest | InferResult | ErrorReply | StatusRequest | StatusReply | CacheCommand
+    Submit
+    | InferRequest
+    | InferResult
+    | ErrorReply
+    | StatusRequest
+    | StatusReply
+    | CacheCommand
+    | Ping
+    | Pong
+    | CacheShare
+    | CacheSync
 )
+
+# Entries in one CacheShare message (batching bounds both size and count).
+MAX_SHARED_ENTRIES = 256
 
 
 class WireCodec(Protocol):
@@ -214,6 +280,24 @@ class MsgpackCodec:
                 body = {"status": message.status}
             case CacheCommand():
                 body = {"op": str(message.op), "entry": int(message.entry_id)}
+            case Ping():  # Pong too: same fields
+                body = {
+                    "name": message.name,
+                    "role": message.role,
+                    "address": message.address,
+                    "load": float(message.load),
+                    "queue": int(message.queue_length),
+                    "tail_ms": float(message.tail_ms),
+                }
+            case CacheShare():
+                body = {
+                    "origins": list(message.origins),
+                    "labels": [int(x) for x in message.labels],
+                    "confidences": [float(x) for x in message.confidences],
+                }
+                tensors = [message.features]
+            case CacheSync():
+                body = {"max": int(message.max_entries)}
         descriptors = []
         buffers = []
         for tensor in tensors:
@@ -372,7 +456,8 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
     bundle_id = _get(header, "bundle", str, request_id)
     body = _get(header, "body", dict, request_id)
     tensors = _tensors(header, frames, request_id)
-    expected_tensors = 1 if kind in (MessageType.SUBMIT, MessageType.INFER) else 0
+    with_tensor = (MessageType.SUBMIT, MessageType.INFER, MessageType.CACHE_SHARE)
+    expected_tensors = 1 if kind in with_tensor else 0
     if len(tensors) != expected_tensors:
         raise ProtocolError(
             f"{kind} carries {expected_tensors} tensors, got {len(tensors)}", request_id
@@ -450,6 +535,49 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
                 op=op,
                 entry_id=_get(body, "entry", int, request_id),
             )
+        case MessageType.PING | MessageType.PONG:
+            cls = Ping if kind is MessageType.PING else Pong
+            return cls(
+                request_id=request_id,
+                bundle_id=bundle_id,
+                name=text("name"),
+                role=text("role"),
+                address=text("address"),
+                load=number("load"),
+                queue_length=count("queue"),
+                tail_ms=number("tail_ms"),
+            )
+        case MessageType.CACHE_SHARE:
+            origins = _get(body, "origins", list, request_id)
+            labels = _get(body, "labels", list, request_id)
+            confidences = _get(body, "confidences", list, request_id)
+            features = tensors[0]
+            n = len(labels)
+            if not (len(origins) == len(confidences) == n <= MAX_SHARED_ENTRIES):
+                raise ProtocolError(
+                    "cache share lists differ in length or are too long", request_id
+                )
+            if features.ndim != 2 or features.shape[0] != n or features.dtype != np.float32:
+                raise ProtocolError("cache share features must be (N, dim) float32", request_id)
+            if not all(isinstance(o, str) for o in origins):
+                raise ProtocolError("cache share origins must be strings", request_id)
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+                raise ProtocolError("cache share labels must be integers", request_id)
+            if not all(
+                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                for x in confidences
+            ):
+                raise ProtocolError("cache share confidences must be finite numbers", request_id)
+            return CacheShare(
+                request_id=request_id,
+                bundle_id=bundle_id,
+                origins=origins,
+                labels=labels,
+                confidences=[float(x) for x in confidences],
+                features=features,
+            )
+        case MessageType.CACHE_SYNC:
+            return CacheSync(request_id=request_id, bundle_id=bundle_id, max_entries=count("max"))
         case MessageType.STATUS_REPLY:
             return StatusReply(
                 request_id=request_id,

@@ -39,7 +39,13 @@ class Prediction:
 class ModelWorker:
     """Runs head, tail and preprocessing of one split model on one thread."""
 
-    def __init__(self, model: StagedModel, split: str) -> None:
+    def __init__(self, model: StagedModel, split: str, slowdown: float = 1.0) -> None:
+        if slowdown < 1.0:
+            raise ValueError(f"slowdown must be at least 1, got {slowdown}")
+        # An emulated slower device: each forward pass takes `slowdown` times
+        # as long (the thread sleeps for the difference, so it stays busy).
+        self.slowdown = slowdown
+        self.tail_ms_ewma = 0.0
         self.model = model
         self.point = model.split_point(split)
         self._head, self._tail = model.split(split)
@@ -59,8 +65,14 @@ class ModelWorker:
         size = self.model.spec.input_size
 
         def work() -> None:
+            x = torch.zeros(1, 3, size, size)
             with torch.inference_mode():
-                self._tail(self._head(torch.zeros(1, 3, size, size)))
+                middle = self._head(x)
+                self._tail(middle)  # the first pass is slow (allocations, kernels)
+                start = time.perf_counter()
+                self._tail(middle)
+            # A first estimate of the tail time, so routing starts informed.
+            self.tail_ms_ewma = self._emulate(start)
 
         await self._run(work)
 
@@ -75,9 +87,16 @@ class ModelWorker:
             x = preprocess(pixels, self.model.spec)
             with torch.inference_mode():
                 out = self._head(x)
-            return out.numpy().astype(np.float32, copy=False), (time.perf_counter() - start) * 1e3
+            return out.numpy().astype(np.float32, copy=False), self._emulate(start)
 
         return await self._run(work)
+
+    def _emulate(self, start: float) -> float:
+        """Stretch the work since ``start`` by the slowdown; returns its ms."""
+        elapsed = time.perf_counter() - start
+        if self.slowdown > 1.0:
+            time.sleep(elapsed * (self.slowdown - 1.0))
+        return (time.perf_counter() - start) * 1e3
 
     def check_tensor(self, tensor: np.ndarray) -> None:
         """Raise BadTensorError unless the tensor fits this tail (shape, dtype, finite)."""
@@ -102,11 +121,15 @@ class ModelWorker:
                 probs = torch.softmax(self._tail(x), dim=1)[0]
             confidence, label = torch.max(probs, dim=0)
             index = int(label)
+            tail_ms = self._emulate(start)
+            self.tail_ms_ewma = (
+                tail_ms if not self.tail_ms_ewma else (0.8 * self.tail_ms_ewma + 0.2 * tail_ms)
+            )
             return Prediction(
                 label=index,
                 class_name=self.model.spec.class_names[index],
                 confidence=float(confidence),
-                tail_ms=(time.perf_counter() - start) * 1e3,
+                tail_ms=tail_ms,
             )
 
         return await self._run(work)

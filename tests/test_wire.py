@@ -15,11 +15,15 @@ from ccied.peer.wire import (
     WIRE_VERSION,
     CacheCommand,
     CacheOp,
+    CacheShare,
+    CacheSync,
     ErrorCode,
     ErrorReply,
     InferRequest,
     InferResult,
     Message,
+    Ping,
+    Pong,
     Source,
     StatusReply,
     StatusRequest,
@@ -87,6 +91,32 @@ messages: st.SearchStrategy[Message] = st.one_of(
         ErrorReply, request_id=ids, code=st.sampled_from(ErrorCode), message=texts, bundle_id=texts
     ),
     st.builds(StatusRequest, request_id=ids, bundle_id=texts),
+    *(
+        st.builds(
+            cls,
+            request_id=ids,
+            bundle_id=texts,
+            name=texts,
+            role=texts,
+            address=texts,
+            load=finite,
+            queue_length=counts,
+            tail_ms=finite,
+        )
+        for cls in (Ping, Pong)
+    ),
+    st.integers(1, 5).flatmap(
+        lambda n: st.builds(
+            CacheShare,
+            request_id=ids,
+            bundle_id=texts,
+            origins=st.lists(texts, min_size=n, max_size=n),
+            labels=st.lists(st.integers(0, 999), min_size=n, max_size=n),
+            confidences=st.lists(finite, min_size=n, max_size=n),
+            features=hnp.arrays(np.float32, (n, 8)),
+        )
+    ),
+    st.builds(CacheSync, request_id=ids, bundle_id=texts, max_entries=counts),
     st.builds(
         StatusReply,
         request_id=ids,

@@ -1,0 +1,336 @@
+"""The cluster as one peer sees it: links, heartbeats, routing candidates, cache sharing.
+
+* **Links.** One :class:`RemoteTarget` (a ZeroMQ DEALER) per neighbour address,
+  made on first use: the ``--peer``/``--cloud`` addresses, and whatever mDNS
+  suggests (:mod:`ccied.discovery`).
+* **Liveness.** Discovery is only a hint. Every ``heartbeat_interval_s`` this
+  peer pings every neighbour it knows; a Pong makes it alive (and carries its
+  name, role, bundle, load, queue and tail time), silence past the table's
+  liveness timeout evicts it (SIGKILLed peers leave within 3 s), and a slow
+  answer that still arrives in time keeps it (no flapping).
+* **Routing.** :meth:`Cluster.candidates` turns the live neighbours with our
+  bundle into :class:`ccied.peer.routing.Candidate` values; the daemon plans.
+* **Shared cache.** Entries this peer learns are batched and sent to live
+  neighbours at a bounded rate; a neighbour that comes up is asked for the
+  hot entries of this one's neighbours (CacheSync), so a late peer starts warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import zmq.asyncio
+from ccied.discovery import Announcement, DiscoveryError, NeighbourTable
+from ccied.peer.logutil import WarnOnce
+from ccied.peer.routing import Candidate, TargetKind
+from ccied.peer.transport import EmulatedLink, Exchange, RemoteTarget
+from ccied.peer.wire import (
+    MAX_SHARED_ENTRIES,
+    WIRE_VERSION,
+    CacheShare,
+    CacheSync,
+    Message,
+    Ping,
+    Pong,
+    WireCodec,
+)
+
+log = logging.getLogger(__name__)
+warn_once = WarnOnce(log)
+
+DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
+DEFAULT_HEARTBEAT_TIMEOUT_S = 1.0
+DEFAULT_SHARE_INTERVAL_S = 0.2
+DEFAULT_SHARE_RATE_PER_S = 500.0  # entries a second to all neighbours, at most
+SHARE_OUTBOX_ENTRIES = 4096
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    role: str
+    bundle_id: str
+    listen_address: str  # where neighbours reach us ('' if we do not listen)
+    static_addresses: tuple[str, ...] = ()  # --peer and --cloud
+    share_cache: bool = True
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
+    share_interval_s: float = DEFAULT_SHARE_INTERVAL_S
+    share_rate_per_s: float = DEFAULT_SHARE_RATE_PER_S
+
+
+@dataclass(frozen=True)
+class LocalLoad:
+    """What this peer tells its neighbours about itself in each heartbeat."""
+
+    load: float
+    queue_length: int
+    tail_ms: float
+
+
+@dataclass(frozen=True)
+class SharedEntry:
+    feature: np.ndarray
+    label: int
+    confidence: float
+    origin: str
+
+
+class Cluster:
+    """Neighbour links, heartbeats and cache sharing for one peer (event loop only)."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        context: zmq.asyncio.Context,
+        codec: WireCodec,
+        table: NeighbourTable,
+        link: EmulatedLink,
+        local_load: Callable[[], LocalLoad],
+        on_entries: Callable[[CacheShare, str], int],
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.link = link
+        self._context = context
+        self._codec = codec
+        self._local_load = local_load
+        self._on_entries = on_entries
+        self.links: dict[str, RemoteTarget] = {}
+        self._names: dict[str, str] = {}  # address -> neighbour name, from Pongs
+        self._tail_ms: dict[str, float] = {}  # neighbour name -> reported tail ms
+        self._pinging: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._outbox: collections.deque[SharedEntry] = collections.deque(
+            maxlen=SHARE_OUTBOX_ENTRIES
+        )
+        self.shared_out = 0
+        self.shared_in = 0
+        self.sent_to: collections.Counter[str] = collections.Counter()
+        self._closed = False
+
+    # -- life cycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Heartbeats and cache sharing until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._heartbeats())
+            if self.config.share_cache:
+                group.create_task(self._share_loop())
+
+    def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for target in self.links.values():
+            target.close()
+        self.links.clear()
+
+    def _spawn(self, coroutine: collections.abc.Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def link_to(self, address: str) -> RemoteTarget:
+        """The link to ``address``, made (and its reply reader started) on first use."""
+        target = self.links.get(address)
+        if target is None:
+            target = RemoteTarget(self._context, address, self._codec, self.link)
+            self.links[address] = target
+            self._spawn(target.run())
+        return target
+
+    # -- liveness ---------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        while True:
+            addresses = set(self.config.static_addresses)
+            addresses.update(a.address for a in self.table.heartbeat_targets())
+            for address in addresses - self._pinging:
+                self._pinging.add(address)
+                self._spawn(self._ping(address))
+            for name in self.table.expire():
+                log.info("neighbour %s left (no heartbeat answer in time)", name)
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    def _ping_message(self) -> Ping:
+        load = self._local_load()
+        return Ping(
+            request_id=uuid.uuid4().hex,
+            bundle_id=self.config.bundle_id,
+            name=self.config.name,
+            role=self.config.role,
+            address=self.config.listen_address,
+            load=load.load,
+            queue_length=load.queue_length,
+            tail_ms=load.tail_ms,
+        )
+
+    def pong_for(self, ping: Ping) -> Pong:
+        """Answer a neighbour's heartbeat; learn of it if it says where it listens."""
+        if ping.address and ping.name != self.config.name:
+            self._suggest(ping.name, ping.role, ping.address, ping.bundle_id)
+        mine = self._ping_message()
+        return Pong(**{**mine.__dict__, "request_id": ping.request_id})
+
+    def _suggest(self, name: str, role: str, address: str, bundle_id: str) -> bool:
+        try:
+            announcement = Announcement(
+                name=name,
+                role=role,
+                address=address,
+                bundle_id=bundle_id,
+                wire_version=WIRE_VERSION,
+            )
+        except (DiscoveryError, ValueError) as exc:  # a malformed claim: ignore it
+            warn_once(f"suggest:{address}", "ignoring peer %r at %s: %s", name, address, exc)
+            return False
+        return self.table.observe_announcement(announcement)
+
+    async def _ping(self, address: str) -> None:
+        try:
+            was_alive = {n.name for n in self.table.alive()}
+            exchange = await self.link_to(address).request(
+                self._ping_message(), self.config.heartbeat_timeout_s
+            )
+            pong = exchange.reply
+            if not isinstance(pong, Pong):
+                name = self._names.get(address)
+                if name is not None:
+                    self.table.record_failure(name)
+                return
+            self._names[address] = pong.name
+            self._tail_ms[pong.name] = pong.tail_ms
+            known = self.table.get(pong.name)
+            if known is None or known.address != address or known.bundle_id != pong.bundle_id:
+                self._suggest(pong.name, pong.role, address, pong.bundle_id)
+            alive = self.table.record_heartbeat(
+                pong.name, exchange.elapsed_ms, pong.load, pong.queue_length
+            )
+            if alive and pong.name not in was_alive:
+                log.info("neighbour %s (%s) alive at %s", pong.name, pong.role, address)
+                if self.config.share_cache and pong.bundle_id == self.config.bundle_id:
+                    self._spawn(self._sync_from(pong.name, address))
+        finally:
+            self._pinging.discard(address)
+
+    # -- routing ----------------------------------------------------------------
+
+    def candidates(self) -> list[Candidate]:
+        """Live neighbours with our bundle and wire version, as routing candidates."""
+        out = []
+        for neighbour in self.table.usable(self.config.bundle_id, WIRE_VERSION):
+            kind = TargetKind.CLOUD if neighbour.role == "cloud" else TargetKind.PEER
+            out.append(
+                Candidate(
+                    name=neighbour.name,
+                    kind=kind,
+                    address=neighbour.address,
+                    tail_ms=self._tail_ms.get(neighbour.name, 0.0),
+                    queue_length=neighbour.queue_length,
+                    rtt_ms=neighbour.rtt_ms,
+                    bandwidth_mbps=neighbour.bandwidth_mbps or self.link.bandwidth_mbps,
+                )
+            )
+        return out
+
+    async def request(self, candidate: Candidate, message: Message, timeout_s: float) -> Exchange:
+        """Send to a neighbour; learn bandwidth from answers and count failures."""
+        exchange = await self.link_to(candidate.address).request(message, timeout_s)
+        self.sent_to[candidate.name] += 1
+        if exchange.error is not None:
+            self.table.record_failure(candidate.name)
+        elif exchange.bytes_sent:
+            tail_ms = getattr(exchange.reply, "tail_ms", 0.0)
+            transfer_s = (exchange.elapsed_ms - tail_ms - candidate.rtt_ms) / 1e3
+            if transfer_s > 0:
+                self.table.record_transfer(candidate.name, exchange.bytes_sent, transfer_s)
+        return exchange
+
+    # -- shared cache -----------------------------------------------------------
+
+    def share(self, entry: SharedEntry) -> None:
+        """Queue an entry this peer learned for its neighbours (oldest dropped if full)."""
+        if self.config.share_cache:
+            self._outbox.append(entry)
+
+    async def _share_loop(self) -> None:
+        tokens = 0.0
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.config.share_interval_s)
+            now = time.monotonic()
+            rate = self.config.share_rate_per_s
+            tokens = min(rate, tokens + (now - last) * rate)
+            last = now
+            if not self._outbox or tokens < 1:
+                continue
+            neighbours = self.table.usable(self.config.bundle_id, WIRE_VERSION)
+            if not neighbours:
+                continue
+            batch: list[SharedEntry] = []
+            while self._outbox and len(batch) < min(MAX_SHARED_ENTRIES, int(tokens)):
+                batch.append(self._outbox.popleft())
+            tokens -= len(batch)
+            message = share_message(batch, self.config.bundle_id)
+            results = await asyncio.gather(
+                *(
+                    self.link_to(n.address).request(message, self.config.heartbeat_timeout_s)
+                    for n in neighbours
+                )
+            )
+            self.shared_out += len(batch) * sum(r.error is None for r in results)
+
+    async def _sync_from(self, name: str, address: str) -> None:
+        """Ask a neighbour that just came up for its hottest entries."""
+        request = CacheSync(
+            request_id=uuid.uuid4().hex,
+            bundle_id=self.config.bundle_id,
+            max_entries=MAX_SHARED_ENTRIES,
+        )
+        exchange = await self.link_to(address).request(request, self.config.heartbeat_timeout_s * 5)
+        if isinstance(exchange.reply, CacheShare):
+            accepted = self._on_entries(exchange.reply, name)
+            self.shared_in += accepted
+            log.info("received %d cache entries from %s", accepted, name)
+
+    # -- status -----------------------------------------------------------------
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "links": [
+                {**target.describe(), "name": self._names.get(address, "")}
+                for address, target in self.links.items()
+            ],
+            "sent_to": dict(self.sent_to),
+            "shared_out": self.shared_out,
+            "shared_in": self.shared_in,
+            "share_queue": len(self._outbox),
+            "link_emulation": self.link.describe(),
+        }
+
+    async def aclose(self) -> None:
+        self.close()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def share_message(entries: list[SharedEntry], bundle_id: str) -> CacheShare:
+    """A CacheShare message carrying ``entries`` (at most MAX_SHARED_ENTRIES)."""
+    return CacheShare(
+        request_id=uuid.uuid4().hex,
+        bundle_id=bundle_id,
+        origins=[e.origin for e in entries],
+        labels=[e.label for e in entries],
+        confidences=[e.confidence for e in entries],
+        features=np.stack([e.feature for e in entries]).astype(np.float32),
+    )
