@@ -77,13 +77,13 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _unpack(data: bytes, max_array: int) -> Any:
+def _unpack(data: bytes, max_array: int, max_bin: int = MAX_RECORD_BYTES) -> Any:
     return msgpack.unpackb(
         data,
         raw=False,
         strict_map_key=True,
         max_str_len=1 << 12,
-        max_bin_len=MAX_RECORD_BYTES * 64,
+        max_bin_len=max_bin,
         max_array_len=max_array,
         max_map_len=64,
         max_ext_len=0,
@@ -174,7 +174,9 @@ class CacheStore:
         if hashlib.sha256(body).hexdigest() != header["sha256"]:
             raise ValueError("snapshot checksum mismatch")
         count = int(header["count"])
-        columns = _unpack(body, max(16, count))
+        # The checksum matched, so the body is ours: its own size bounds its
+        # feature block (a fixed limit made large caches unreadable).
+        columns = _unpack(body, max(16, count), max_bin=len(body))
         features = np.frombuffer(columns["features"], dtype="<f4")
         if features.size != count * self.dim:
             raise ValueError("snapshot feature block has the wrong size")

@@ -34,7 +34,7 @@ from ccied.cache import (
     calibrate,
     decide,
 )
-from ccied.cache.store import LOG_NAME, SNAPSHOT_NAME
+from ccied.cache.store import LOG_NAME, SNAPSHOT_NAME, StoredEntry
 
 DIM = 64
 BUNDLE = "bundle-a"
@@ -372,6 +372,18 @@ def test_garbage_after_the_log_is_cut_off(tmp_path: Path) -> None:
     with (tmp_path / LOG_NAME).open("ab") as handle:
         handle.write(os.urandom(300))
     assert len(open_persistent(tmp_path)) == 5
+
+
+def test_a_snapshot_larger_than_64_mib_reads_back(tmp_path: Path) -> None:
+    # 34,000 entries of 512 floats: a capacity above the default, 70 MB of features.
+    dim, count = 512, 34_000
+    store = CacheStore(tmp_path, BUNDLE, dim, fsync=False)
+    feature = random_features(1, seed=15, dim=dim)[0]
+    rows = (StoredEntry(i + 1, i % 1000, 0.9, "t", 0.0, feature) for i in range(count))
+    assert store.snapshot(rows, count + 1)
+    state = CacheStore(tmp_path, BUNDLE, dim).load()
+    assert len(state.entries) == count and state.next_id == count + 1
+    assert not list(tmp_path.glob("*.corrupt-*"))
 
 
 def corrupt_snapshot(path: Path) -> None:
