@@ -11,3 +11,7 @@ class ModelError(PruningError):
 
 class MediaError(PruningError):
     """A file or frame cannot be read as an image or video."""
+
+
+class CodecError(PruningError):
+    """A tensor cannot be encoded, or a payload is not a valid encoded tensor."""
