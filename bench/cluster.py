@@ -45,13 +45,17 @@ class PeerProcess:
     extra_args: Sequence[str] = ()
     log_path: Path | None = None
     threads: int | None = 1
-    # mDNS on 127.0.0.1 under this service type (None: --no-discovery).
+    # mDNS under this service type (None: --no-discovery), on this interface.
     mdns_service_type: str | None = None
+    interface: str = "127.0.0.1"
+    # Run the peer through this command, e.g. ["ip", "netns", "exec", "h1"].
+    prefix: Sequence[str] = ()
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _log: IO[bytes] | None = field(default=None, init=False)
 
     def command(self) -> list[str]:
         cmd = [
+            *self.prefix,
             sys.executable, "-m", "ccied.peer.cli", "peer",
             "--role", self.role,
             "--name", self.name,
@@ -59,7 +63,7 @@ class PeerProcess:
             "--socket", str(self.socket_path),
         ]  # fmt: skip
         if self.mdns_service_type:
-            cmd += ["--interface", "127.0.0.1", "--mdns-service-type", self.mdns_service_type]
+            cmd += ["--interface", self.interface, "--mdns-service-type", self.mdns_service_type]
         else:
             cmd.append("--no-discovery")
         if self.threads:
