@@ -185,11 +185,15 @@ class SemanticCache:
 
     def _build_ivf(self, ids: np.ndarray, vectors: np.ndarray) -> Any:
         # FAISS refuses to train more lists than vectors (a small ivf_min_entries).
-        nlist = min(len(ids), int(min(4096, max(16, 4 * math.sqrt(len(ids))))))
+        # 2 sqrt(n) lists, trained for 10 rounds on 32 points a list: 100k
+        # entries train in seconds on 2 cores, and a query with nprobe 8 scans
+        # about 1.3% of the entries (0.3-0.6 ms p99 at 100k, `bench cache`).
+        nlist = min(len(ids), int(min(4096, max(16, 2 * math.sqrt(len(ids))))))
         quantizer = faiss.IndexFlatL2(self.config.dim)
         index = faiss.IndexIVFFlat(quantizer, self.config.dim, nlist)
         index.nprobe = self.config.nprobe
-        sample = vectors if len(vectors) <= 64 * nlist else vectors[:: len(vectors) // (64 * nlist)]
+        index.cp.niter = 10
+        sample = vectors if len(vectors) <= 32 * nlist else vectors[:: len(vectors) // (32 * nlist)]
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         self._index_add(index, ids, vectors)
         return index

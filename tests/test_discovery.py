@@ -605,9 +605,10 @@ def test_refresh_resuggests_a_forgotten_peer_and_drops_a_killed_one(service_type
             )
             doomed.kill()  # SIGKILL: no goodbye
             await doomed.wait()
-            # Never confirmed by a heartbeat, both are forgotten by the table...
-            await asyncio.sleep(0.15)
-            table.expire()
+            # Never confirmed by a heartbeat, both are forgotten by the table
+            # (judged a second ahead, so a refresh that lands meanwhile on a
+            # loaded machine cannot keep them)...
+            table.expire(now=time.monotonic() + 1.0)
             assert _targets(table) == set()
             # ...and the live one comes back with the next refresh.
             await _wait_until(lambda: "alive" in _targets(table), 5.0, "alive re-suggested")
