@@ -187,12 +187,19 @@ class TensorCodec:
         count = c * h * w
         code_bytes = (count * bits + 7) // 8 if packed else count
         expected = 2 * (n_scales + c) + code_bytes
+        frame = data[HEADER_BYTES:]
         try:
-            body = self._decompressor.decompress(data[HEADER_BYTES:], max_output_size=expected)
-        except zstandard.ZstdError as exc:  # corrupt, truncated or oversized frame
+            # The frame must declare exactly the size the header implies, so nothing
+            # larger is ever inflated; libzstd checks the declared size as it decodes.
+            declared = zstandard.frame_content_size(frame)
+            if declared != expected:
+                raise CodecError(f"payload body declares {declared} bytes, expected {expected}")
+            stream = self._decompressor.decompressobj()
+            body = stream.decompress(frame)
+        except zstandard.ZstdError as exc:  # corrupt or truncated frame
             raise CodecError(f"undecodable payload body: {exc}") from exc
-        if len(body) != expected:
-            raise CodecError(f"payload body holds {len(body)} bytes, expected {expected}")
+        if len(body) != expected or not stream.eof or stream.unused_data:
+            raise CodecError("payload body is truncated, oversized or followed by other bytes")
         scales = np.frombuffer(body, dtype=_FLOAT16, count=n_scales)
         offsets = np.frombuffer(body, dtype=_FLOAT16, count=c, offset=2 * n_scales)
         if not (np.isfinite(scales).all() and np.isfinite(offsets).all()):
