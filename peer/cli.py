@@ -465,6 +465,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_splits)
 
+    b = sub.add_parser(
+        "bench",
+        help="run a benchmark (JSON and PNG out)",
+        description="Benchmarks on real frames; each prints a table and can write JSON and plots.",
+    )
+    benches = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    from ccied.bench import cache as bench_cache
+
+    bc = benches.add_parser(
+        "cache",
+        help="semantic cache: hit rate, fidelity, false hits, lookup latency",
+        description=(
+            "Calibrate the cache threshold on the first half of each real clip and evaluate on "
+            "the rest (stream order), and on perturbed Fashion-MNIST with labels; lookup "
+            "latency at 1k/10k/100k entries; LRU vs LFU."
+        ),
+    )
+    bench_cache.add_arguments(bc)
+    bc.set_defaults(func=bench_cache.run)
+
     d = sub.add_parser(
         "demo",
         help="run a cloud and an edge peer on loopback and stream the bundled clips through",

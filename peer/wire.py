@@ -75,10 +75,6 @@ class Source(StrEnum):
     """Where an answer was computed, as seen by the application."""
 
     CACHE = "cache"
-    PING = "ping"
-    PONG = "pong"
-    CACHE_SHARE = "cache_share"
-    CACHE_SYNC = "cache_sync"
     LOCAL = "local"
     PEER = "peer"
     CLOUD = "cloud"

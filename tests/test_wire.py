@@ -267,3 +267,7 @@ def test_decoded_tensors_never_alias_a_pickle() -> None:
     header = _infer_header(tensors=[["float32", [len(payload) // 4]]])
     message = decode([header, payload])
     assert isinstance(message, InferRequest) and message.tensor.dtype == np.float32
+
+
+def test_sources_are_exactly_the_four_an_application_sees() -> None:
+    assert [str(s) for s in Source] == ["cache", "local", "peer", "cloud"]
