@@ -224,7 +224,7 @@ def _check_shape(c: int, h: int, w: int) -> None:
 def _to_float16(values: np.ndarray) -> np.ndarray:
     """float16 with overflow saturated (activations beyond 65504 are not expected)."""
     finfo = np.finfo(np.float16)
-    return np.clip(values, finfo.min, finfo.max).astype(_FLOAT16)
+    return np.asarray(np.clip(values, finfo.min, finfo.max), dtype=_FLOAT16)
 
 
 # Codes per group and bytes per group: a whole number of bytes holds a whole group.
