@@ -25,9 +25,11 @@ Two ways to choose the k channels (``method``):
   highest activation variance (E selects them), D rebuilds the pruned channels
   from the kept ones by least squares (``D = Cov[:, S] Cov[S, S]^-1``).
 
-Measured on the bundled clips (``python -m ccied.bench.transfer``; README of the
-bench): at equal k PCA keeps more top-1 agreement than channel selection, and any
-k < C loses far more agreement than quantization does at the same bytes: the
+Measured on the bundled clips (fit on the first 60% of each clip, agreement on the
+last 40%): at equal k PCA keeps more of the variance than channel selection
+(tests/test_transfer.py; agreement of channel selection is in the full
+``python -m ccied.bench.transfer`` run), and any k < C loses far more agreement
+than quantization does at the same bytes: the
 192 channels of EfficientNet-Lite0 at 7x7 are not low-rank on real video (the top
 32 principal directions hold about 70% of the variance, and agreement with the
 full model falls to 0.3-0.5). The default therefore keeps every channel
