@@ -10,12 +10,13 @@ exception is an exact match (distance under ``exact_l2``): the same tensor,
 hence the same answer the model gave before.
 
 Counting the votes of the k nearest within a vote radius (0.2), not only of
-those under the threshold, was measured on the bundled clips (every frame looked up among the earlier
-ones, stream order): it let 20% of first-pass frames hit at 0.99 fidelity at
-``blocks.11`` against 2% when only neighbours under the threshold vote, since
-consecutive frames rarely have two entries that close. The same measurement
-put the feature of ``blocks.11`` ahead of ``blocks.7`` (14%), ``blocks.14``
-(10%), ``blocks.15`` (14%) and ``head`` (11%).
+those under the threshold, was measured on the bundled clips (every frame
+looked up among the earlier ones, stream order): it let 20% of first-pass
+frames hit at 0.99 fidelity at ``blocks.11`` against 2% when only neighbours
+under the threshold vote, since consecutive frames rarely have two entries
+that close. The same measurement put the feature of ``blocks.11`` ahead of
+``blocks.7`` (14%), ``blocks.14`` (10%), ``blocks.15`` (14%) and ``head``
+(11%).
 
 The three numbers are chosen by :func:`calibrate` on calibration frames in
 stream order, so that hits agree with the full model on at least the target
