@@ -19,7 +19,6 @@ from ccied.cache.policy import (
     DEFAULT_MIN_INSERT_CONFIDENCE,
     DEFAULT_THRESHOLD_L2,
     DEFAULT_VOTE_MARGIN,
-    HitRule,
 )
 from ccied.cache.semantic import DEFAULT_CAPACITY
 from ccied.peer.client import Client, FrameResult
@@ -33,7 +32,8 @@ from ccied.peer.daemon import (
     default_socket_path,
 )
 from ccied.peer.errors import PeerError, RequestFailedError
-from ccied.pruning import DEFAULT_MODEL, DEFAULT_SPLIT, PruningError, iter_frames
+from ccied.pruning import DEFAULT_MODEL, PruningError, iter_frames
+from ccied.pruning.planner import DEFAULT_FIDELITY_FLOOR
 
 log = logging.getLogger("ccied")
 
@@ -44,7 +44,8 @@ CONFIG_KEYS = {
     "listen",
     "socket",
     "model",
-    "split",
+    "variant",
+    "fidelity_floor",
     "cloud",
     "peer",
     "remote_timeout_s",
@@ -97,8 +98,22 @@ def _add_peer_parser(sub: Any) -> None:
         help="Unix socket for local applications (default: $XDG_RUNTIME_DIR/ccied/NAME.sock "
         "or /tmp/ccied-UID/NAME.sock); 'none' for no local socket",
     )
-    p.add_argument("--model", help=f"model name (default {DEFAULT_MODEL})")
-    p.add_argument("--split", help=f"split point (default {DEFAULT_SPLIT}); see `ccied splits`")
+    p.add_argument(
+        "--model",
+        help=f"a model name (built-in variants) or a folder made by `ccied prepare` "
+        f"(default {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--variant",
+        help="always send this variant of the bundle (default: the planner picks per frame "
+        "from the measured bandwidth and compute); see `ccied status`",
+    )
+    p.add_argument(
+        "--fidelity-floor",
+        type=float,
+        help=f"least measured agreement a variant needs for latency-first frames "
+        f"(default {DEFAULT_FIDELITY_FLOOR})",
+    )
     p.add_argument("--cloud", help="tcp://HOST:PORT of the cloud peer (edge role)")
     p.add_argument(
         "--peer",
@@ -238,7 +253,8 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         listen=_none_or(pick("listen", default=DEFAULT_LISTEN)),
         socket_path=socket_path,
         model=pick("model", default=DEFAULT_MODEL),
-        split=pick("split", default=DEFAULT_SPLIT),
+        variant=pick("variant"),
+        fidelity_floor=float(pick("fidelity_floor", default=DEFAULT_FIDELITY_FLOOR)),
         cloud=pick("cloud"),
         peers=tuple(peers),
         remote_timeout_s=float(pick("remote_timeout_s", default=DEFAULT_REMOTE_TIMEOUT_S)),
@@ -254,13 +270,15 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         link_bandwidth_mbps=pick("link_mbps"),
         link_rtt_ms=float(pick("link_rtt_ms", default=0.0)),
         mdns_service_type=args.mdns_service_type,
-        cache_rule=HitRule(
-            threshold_l2=float(pick("cache_threshold", default=DEFAULT_THRESHOLD_L2)),
-            vote_margin=int(pick("cache_margin", default=DEFAULT_VOTE_MARGIN)),
-            min_insert_confidence=float(
-                pick("cache_min_confidence", default=DEFAULT_MIN_INSERT_CONFIDENCE)
-            ),
-        ),
+        cache_rule_overrides={
+            key: value
+            for key, value in (
+                ("threshold_l2", pick("cache_threshold")),
+                ("vote_margin", pick("cache_margin")),
+                ("min_insert_confidence", pick("cache_min_confidence")),
+            )
+            if value is not None
+        },
     )
 
 
@@ -303,7 +321,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             try:
                 for frame in iter_frames(path, every=args.every, limit=args.limit):
                     try:
-                        result = client.submit(frame.pixels, frame.name)
+                        result = client.submit(frame.pixels, frame.name, need=args.need)
                     except RequestFailedError as exc:  # this frame only: go on
                         failures += 1
                         _print_error(frame.name, str(exc), args.json)
@@ -330,9 +348,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return 0
     req = status["requests"]
-    split = status["split"]
+    split = status["cache_split"]
     print(f"peer     {status['name']} ({status['role']}), pid {status['pid']}")
-    print(f"bundle   {status['bundle_id']}  model {status['model']}  split {split['name']}")
+    print(
+        f"bundle   {status['bundle_id']} ({status['bundle']})  model {status['model']}  "
+        f"cache split {split['name']}"
+    )
+    for v in status["variants"]:
+        print(
+            f"variant  {v['name']:<18} {v['payload_bytes']:>7} B  agreement {v['agreement']}  "
+            f"head {v['head_ms']:.1f} ms  chosen {v['chosen']}"
+        )
     print(f"listen   {status['listen'] or '-'}   socket {status['socket'] or '-'}")
     print(
         f"requests submitted {req['submitted']}  answered {req['answered']}  "
@@ -372,6 +398,41 @@ def cmd_cache(args: argparse.Namespace) -> int:
             )
     print(json.dumps(outcome) if args.json else message)
     return 0 if args.action == "clear" or outcome["forgotten"] else 1
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from ccied.cache import calibrate, feature_from_tensor
+    from ccied.pruning.prepare import PrepareConfig, prepare_bundle, print_report
+
+    _setup_logging(args.log_level)
+
+    def calibrate_cache(features: Any, labels: Any, confidences: Any) -> dict[str, Any]:
+        result = calibrate(features, labels, confidences, target_fidelity=args.cache_fidelity)
+        rule = result.rule
+        return {
+            "rule": {
+                "threshold_l2": rule.threshold_l2,
+                "vote_margin": rule.vote_margin,
+                "min_insert_confidence": rule.min_insert_confidence,
+            },
+            "target_fidelity": args.cache_fidelity,
+            "calibration_hit_rate": round(result.chosen.hit_rate, 4),
+            "calibration_fidelity": round(result.chosen.fidelity, 4),
+            "frames": result.frames,
+        }
+
+    config = PrepareConfig(
+        model=args.model,
+        split=args.split,
+        keep_ratio=args.keep_ratio,
+        bits=None if args.bits == 32 else args.bits,
+        every=args.every,
+    )
+    report = prepare_bundle(
+        config, args.out, calibrate_cache, feature_from_tensor, progress=not args.no_progress
+    )
+    print_report(report)
+    return 0
 
 
 def cmd_splits(args: argparse.Namespace) -> int:
@@ -432,6 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("files", nargs="+", type=Path, metavar="IMAGE_OR_VIDEO")
     s.add_argument("--every", type=int, default=1, help="send every N-th video frame (default 1)")
     s.add_argument("--limit", type=int, default=None, help="at most this many frames per video")
+    s.add_argument(
+        "--need",
+        choices=["latency", "accuracy"],
+        default="latency",
+        help="latency: the fastest variant above the fidelity floor (default); "
+        "accuracy: the most faithful variant",
+    )
     s.set_defaults(func=cmd_submit)
 
     st = sub.add_parser(
@@ -464,6 +532,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", default=DEFAULT_MODEL)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_splits)
+
+    pr = sub.add_parser(
+        "prepare",
+        help="build a model bundle: variants, measured bytes and agreement, cache rule",
+        description=(
+            "Build a bundle folder for `ccied peer --model DIR`: the operating point given "
+            "(split, keep ratio, bits) plus built-in alternatives, each measured on held-out "
+            "frames of the bundled clips (bytes per frame, agreement with the unpruned model), "
+            "and the cache's hit rule calibrated on the other frames."
+        ),
+    )
+    pr.add_argument("--model", default=DEFAULT_MODEL)
+    pr.add_argument("--split", default="blocks.14", help="split of the operating point")
+    pr.add_argument("--keep-ratio", type=float, default=1.0, help="share of channels kept (PCA)")
+    pr.add_argument(
+        "--bits", type=int, choices=[2, 4, 6, 8, 32], default=4, help="codec bits (32: raw)"
+    )
+    pr.add_argument("--every", type=int, default=3, help="use every N-th clip frame")
+    pr.add_argument("--cache-fidelity", type=float, default=0.99, help="cache target")
+    pr.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.add_argument("--log-level", default="WARNING", help=argparse.SUPPRESS)
+    pr.set_defaults(func=cmd_prepare)
 
     b = sub.add_parser(
         "bench",

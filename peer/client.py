@@ -54,6 +54,7 @@ class FrameResult:
     tail_ms: float
     cache_entry: int  # the entry that answered (source cache), else -1
     cache_distance: float  # its distance to this frame's feature, else -1
+    variant: str  # the bundle variant sent (or that would have been)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,9 +127,17 @@ class Client:
                 raise RequestFailedError(str(reply.code), reply.message)
             return reply
 
-    def submit(self, pixels: np.ndarray, frame_name: str = "") -> FrameResult:
-        """Classify one RGB uint8 frame of shape (height, width, 3)."""
-        request = Submit(request_id=uuid.uuid4().hex, frame_name=frame_name, pixels=pixels)
+    def submit(
+        self, pixels: np.ndarray, frame_name: str = "", need: str = "latency"
+    ) -> FrameResult:
+        """Classify one RGB uint8 frame of shape (height, width, 3).
+
+        ``need``: "latency" (the fastest variant above the fidelity floor) or
+        "accuracy" (the most faithful variant of the peer's bundle).
+        """
+        request = Submit(
+            request_id=uuid.uuid4().hex, frame_name=frame_name, pixels=pixels, need=need
+        )
         start = time.perf_counter()
         reply = self._exchange(request)
         latency_ms = (time.perf_counter() - start) * 1e3
@@ -148,6 +157,7 @@ class Client:
             tail_ms=reply.tail_ms,
             cache_entry=reply.cache_entry,
             cache_distance=reply.cache_distance,
+            variant=reply.variant,
         )
 
     def status(self, timeout_s: float | None = None) -> dict[str, Any]:

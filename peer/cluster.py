@@ -73,7 +73,7 @@ class LocalLoad:
 
     load: float
     queue_length: int
-    tail_ms: float
+    full_ms: float  # whole-model compute time on this peer (EWMA)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class Cluster:
         self._on_entries = on_entries
         self.links: dict[str, RemoteTarget] = {}
         self._names: dict[str, str] = {}  # address -> neighbour name, from Pongs
-        self._tail_ms: dict[str, float] = {}  # neighbour name -> reported tail ms
+        self._full_ms: dict[str, float] = {}  # neighbour name -> reported whole-model ms
         self._pinging: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._outbox: collections.deque[SharedEntry] = collections.deque(
@@ -171,7 +171,7 @@ class Cluster:
             address=self.config.listen_address,
             load=load.load,
             queue_length=load.queue_length,
-            tail_ms=load.tail_ms,
+            full_ms=load.full_ms,
         )
 
     def pong_for(self, ping: Ping) -> Pong:
@@ -208,7 +208,7 @@ class Cluster:
                     self.table.record_failure(name)
                 return
             self._names[address] = pong.name
-            self._tail_ms[pong.name] = pong.tail_ms
+            self._full_ms[pong.name] = pong.full_ms
             known = self.table.get(pong.name)
             if known is None or known.address != address or known.bundle_id != pong.bundle_id:
                 self._suggest(pong.name, pong.role, address, pong.bundle_id)
@@ -234,7 +234,8 @@ class Cluster:
                     name=neighbour.name,
                     kind=kind,
                     address=neighbour.address,
-                    tail_ms=self._tail_ms.get(neighbour.name, 0.0),
+                    # The whole model's time there; the daemon scales it to a tail.
+                    tail_ms=self._full_ms.get(neighbour.name, 0.0),
                     queue_length=neighbour.queue_length,
                     rtt_ms=neighbour.rtt_ms,
                     bandwidth_mbps=neighbour.bandwidth_mbps or self.link.bandwidth_mbps,

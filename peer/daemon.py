@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -80,9 +81,10 @@ from ccied.peer.wire import (
     Submit,
     WireCodec,
 )
-from ccied.peer.worker import BadTensorError, ModelWorker
-from ccied.pruning import DEFAULT_MODEL, DEFAULT_SPLIT, MediaError, load_model
-from ccied.pruning.bundle import bundle_id
+from ccied.peer.worker import BadTensorError, HeadResult, ModelWorker
+from ccied.pruning import DEFAULT_MODEL, MediaError, ModelError
+from ccied.pruning.bundle import open_bundle
+from ccied.pruning.planner import DEFAULT_FIDELITY_FLOOR, Link, Need, rank_variants
 
 log = logging.getLogger(__name__)
 warn_once = WarnOnce(log)
@@ -122,8 +124,11 @@ class PeerConfig:
     role: Role = Role.EDGE
     listen: str | None = DEFAULT_LISTEN
     socket_path: Path | None = None
+    # A registered model name (its built-in variants) or a `ccied prepare` folder.
     model: str = DEFAULT_MODEL
-    split: str = DEFAULT_SPLIT
+    # Pin one variant of the bundle (None: the planner chooses per frame).
+    variant: str | None = None
+    fidelity_floor: float = DEFAULT_FIDELITY_FLOOR
     cloud: str | None = None
     peers: tuple[str, ...] = ()
     remote_timeout_s: float = DEFAULT_REMOTE_TIMEOUT_S
@@ -133,7 +138,8 @@ class PeerConfig:
     # Entries persist under cache_dir/<bundle id>/ (None: in memory only).
     cache_dir: Path | None = None
     cache_capacity: int = DEFAULT_CAPACITY
-    cache_rule: HitRule = field(default_factory=HitRule)
+    # Hit-rule fields to override (the bundle's calibrated rule, else the defaults).
+    cache_rule_overrides: dict[str, float] = field(default_factory=dict)
     share_cache: bool = True
     discovery: bool = True
     # mDNS on this interface only (None: the interfaces the listen address implies).
@@ -173,13 +179,19 @@ class PeerDaemon:
             import torch
 
             torch.set_num_threads(config.torch_threads)
-        model = load_model(config.model)
         try:
-            self.worker = ModelWorker(model, config.split, slowdown=config.slowdown)
+            self.bundle = open_bundle(config.model)
+            if config.variant is not None:
+                self.bundle.variant(config.variant)  # ModelError lists the valid ones
+        except ModelError as exc:
+            raise PeerError(str(exc)) from exc
+        try:
+            self.worker = ModelWorker(self.bundle, slowdown=config.slowdown)
             self.link = EmulatedLink(config.link_bandwidth_mbps, config.link_rtt_ms)
         except ValueError as exc:
             raise PeerError(str(exc)) from exc
-        self.bundle_id = bundle_id(model, config.split)
+        self.bundle_id = self.bundle.bundle_id
+        self.variant_counts: dict[str, int] = dict.fromkeys(self.worker.variants, 0)
         self.cache = self._open_cache() if config.cache_enabled else None
         # Cache writes (and their fsync) stay off the model thread and the loop.
         self._cache_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccied-cache")
@@ -198,12 +210,22 @@ class PeerDaemon:
         self.cluster: Cluster | None = None
         self.discovery: MdnsDiscovery | None = None
 
+    def _cache_rule(self) -> HitRule:
+        calibrated = self.bundle.cache_rule or {}
+        fields = {f.name for f in dataclasses.fields(HitRule)}
+        values = {k: v for k, v in calibrated.items() if k in fields}
+        values.update(self.config.cache_rule_overrides)
+        try:
+            return HitRule(**values)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise PeerError(f"invalid cache rule {values}: {exc}") from exc
+
     def _open_cache(self) -> SemanticCache:
         config = CacheConfig(
-            dim=feature_dim(self.worker.point.output_shape[0]),
+            dim=feature_dim(self.worker.cache_point.output_shape[0]),
             bundle_id=self.bundle_id,
             capacity=self.config.cache_capacity,
-            rule=self.config.cache_rule,
+            rule=self._cache_rule(),
         )
         store = None
         if self.config.cache_dir is not None:
@@ -241,12 +263,12 @@ class PeerDaemon:
             )
             self.discovery = self._make_discovery()
             log.info(
-                "peer %s (%s) ready: bundle %s, split %s, listen %s, socket %s, "
+                "peer %s (%s) ready: bundle %s, variant %s, listen %s, socket %s, "
                 "static peers %s, discovery %s",
                 self.config.name,
                 self.config.role,
                 self.bundle_id,
-                self.config.split,
+                self.config.variant or "planned per frame",
                 self.listen_address or "-",
                 self._socket_path or "-",
                 list(self._static_addresses()) or "-",
@@ -308,7 +330,7 @@ class PeerDaemon:
         return LocalLoad(
             load=self._computing / self.config.max_pending,
             queue_length=self._computing,
-            tail_ms=self.worker.tail_ms_ewma,
+            full_ms=self.worker.full_ms(),
         )
 
     def request_stop(self) -> None:
@@ -478,8 +500,10 @@ class PeerDaemon:
     async def _answer_frame(self, request: Submit) -> Message:
         """An application's frame: head here, then the cache, then the tail somewhere."""
         self.counters.submitted += 1
+        variant = self._choose_variant(request.need)
+        self.variant_counts[variant] += 1
         try:
-            tensor, head_ms = await self.worker.head(request.pixels)
+            head = await self.worker.head(request.pixels, variant)
         except MediaError as exc:
             self.counters.errors += 1
             return ErrorReply(
@@ -488,7 +512,9 @@ class PeerDaemon:
         feature = None
         if self.cache is not None:
             try:
-                feature, lookup = await self.worker.call(functools.partial(self._lookup, tensor))
+                feature, lookup = await self.worker.call(
+                    functools.partial(self._lookup, head.cache_tensor)
+                )
             except BadFeatureError as exc:  # e.g. an all-black frame: no usable key
                 warn_once("feature", "frame %s has no cache key: %s", request.frame_name, exc)
             else:
@@ -502,11 +528,11 @@ class PeerDaemon:
                         source=Source.CACHE,
                         served_by=self.config.name,
                         frame_name=request.frame_name,
-                        head_ms=head_ms,
+                        head_ms=head.head_ms,
                         cache_entry=lookup.entry_id,
                         cache_distance=lookup.distance,
                     )
-        result = await self._resolve_miss(request, tensor, head_ms)
+        result = await self._resolve_miss(request, head)
         if feature is not None:
             self._insert_later(feature, result.label, result.confidence)
         return result
@@ -621,9 +647,38 @@ class PeerDaemon:
         )
         return CacheShare(**{**message.__dict__, "request_id": request.request_id})
 
-    async def _resolve_miss(
-        self, request: Submit, tensor: np.ndarray, head_ms: float
-    ) -> InferResult:
+    def _choose_variant(self, need: str) -> str:
+        """The variant for this frame: pinned, or the planner's pick for the best link."""
+        if self.config.variant is not None:
+            return self.config.variant
+        default = self.bundle.default_variant
+        if self.cluster is None:
+            return default
+        worker = self.worker
+        names = list(worker.variants)
+        head_ms = {name: worker.head_ms(name) for name in names}
+        payload = {name: worker.payload_bytes(name) for name in names}
+        best: tuple[float, str] | None = None
+        for candidate in self.cluster.candidates():
+            remote_full = candidate.tail_ms or worker.full_ms()
+            tails = {
+                name: remote_full * worker.tail_share(name) * (candidate.queue_length + 1)
+                for name in names
+            }
+            ranked = rank_variants(
+                self.bundle.variants,
+                head_ms,
+                tails,
+                payload,
+                Link(candidate.rtt_ms, candidate.bandwidth_mbps),
+                Need(need),
+                self.config.fidelity_floor,
+            )
+            if best is None or ranked[0].expected_ms < best[0]:
+                best = (ranked[0].expected_ms, ranked[0].variant.name)
+        return best[1] if best is not None else default
+
+    async def _resolve_miss(self, request: Submit, head: HeadResult) -> InferResult:
         """A cache miss: the tail at the first target that answers, else our own."""
         bytes_sent = bytes_received = 0
         assert self.cluster is not None
@@ -631,10 +686,14 @@ class PeerDaemon:
             name=self.config.name,
             kind=TargetKind.LOCAL,
             address="",
-            tail_ms=self.worker.tail_ms_ewma,
+            tail_ms=self.worker.local_rest_ms(head.variant),
             queue_length=max(0, self._computing - 1),
         )
-        route = plan([local, *self.cluster.candidates()], tensor.nbytes)
+        share = self.worker.tail_share(head.variant)
+        remotes = [
+            dataclasses.replace(c, tail_ms=c.tail_ms * share) for c in self.cluster.candidates()
+        ]
+        route = plan([local, *remotes], int(head.payload.nbytes))
         for target in route[:-1]:
             exchange = await self.cluster.request(
                 target,
@@ -642,9 +701,10 @@ class PeerDaemon:
                     request_id=uuid.uuid4().hex,
                     bundle_id=self.bundle_id,
                     origin=self.config.name,
-                    split=self.config.split,
+                    variant=head.variant,
+                    encoding=head.encoding,
                     deadline_ms=self.config.remote_timeout_s * 1e3,
-                    tensor=tensor,
+                    tensor=head.payload,
                 ),
                 self.config.remote_timeout_s,
             )
@@ -661,10 +721,11 @@ class PeerDaemon:
                     source=reply.source,
                     served_by=reply.served_by,
                     frame_name=request.frame_name,
-                    head_ms=head_ms,
+                    head_ms=head.head_ms,
                     tail_ms=reply.tail_ms,
                     bytes_sent=bytes_sent,
                     bytes_received=bytes_received,
+                    variant=head.variant,
                 )
             reason = exchange.error or (
                 f"{reply.code}: {reply.message}" if isinstance(reply, ErrorReply) else "bad reply"
@@ -676,7 +737,7 @@ class PeerDaemon:
                 target.address,
                 reason,
             )
-        prediction = await self.worker.tail(tensor)
+        prediction = await self.worker.finish(head)
         self._count_answer(Source.LOCAL)
         return InferResult(
             request_id=request.request_id,
@@ -686,10 +747,11 @@ class PeerDaemon:
             source=Source.LOCAL,
             served_by=self.config.name,
             frame_name=request.frame_name,
-            head_ms=head_ms,
+            head_ms=head.head_ms,
             tail_ms=prediction.tail_ms,
             bytes_sent=bytes_sent,
             bytes_received=bytes_received,
+            variant=head.variant,
         )
 
     async def _answer_tensor(self, request: InferRequest) -> Message:
@@ -710,7 +772,7 @@ class PeerDaemon:
                 message=f"bundle {request.bundle_id!r} differs from this peer's {self.bundle_id!r}",
             )
         try:
-            prediction = await self.worker.tail(request.tensor)
+            prediction = await self.worker.tail(request.variant, request.tensor, request.encoding)
         except BadTensorError as exc:
             self.counters.errors += 1
             return ErrorReply(
@@ -737,7 +799,7 @@ class PeerDaemon:
     def status(self) -> dict[str, Any]:
         """Identity, bundle, targets and counters, as ``ccied status --json`` prints."""
         c = self.counters
-        point = self.worker.point
+        point = self.worker.cache_point
         return {
             "name": self.config.name,
             "role": str(self.config.role),
@@ -745,13 +807,28 @@ class PeerDaemon:
             "uptime_s": round(time.monotonic() - self._started, 3),
             "wire_version": WIRE_VERSION,
             "bundle_id": self.bundle_id,
-            "model": self.config.model,
-            "split": {
+            "model": self.bundle.model.spec.name,
+            "bundle": str(self.bundle.path) if self.bundle.path else "built-in",
+            "cache_split": {
                 "name": point.name,
                 "shape": list(point.output_shape),
                 "float32_bytes": point.float32_bytes,
                 "compute_fraction": round(point.compute_fraction, 4),
             },
+            "variants": [
+                {
+                    "name": name,
+                    "split": runtime.variant.split,
+                    "keep_ratio": runtime.variant.keep_ratio,
+                    "bits": runtime.variant.bits,
+                    "agreement": runtime.variant.agreement,
+                    "payload_bytes": round(runtime.payload_bytes()),
+                    "head_ms": round(self.worker.head_ms(name), 3),
+                    "chosen": self.variant_counts[name],
+                }
+                for name, runtime in self.worker.variants.items()
+            ],
+            "pinned_variant": self.config.variant,
             "listen": self.listen_address or None,
             "socket": str(self._socket_path) if self._socket_path else None,
             "neighbours": self.table.snapshot(),

@@ -88,6 +88,7 @@ class Submit:
     request_id: str
     frame_name: str
     pixels: np.ndarray
+    need: str = "latency"  # or "accuracy": what the planner optimises for this frame
     bundle_id: str = ""
 
 
@@ -99,7 +100,8 @@ class InferRequest:
     request_id: str
     bundle_id: str
     origin: str
-    split: str
+    variant: str  # the bundle variant (split point, channels, bits) the tensor is in
+    encoding: str  # "raw" (float32 tensor) or "codec" (uint8 codec payload)
     deadline_ms: float
     tensor: np.ndarray
 
@@ -122,6 +124,7 @@ class InferResult:
     bytes_received: int = 0
     cache_entry: int = -1  # the cache entry that answered (source cache), else -1
     cache_distance: float = -1.0  # its feature distance, else -1
+    variant: str = ""  # the bundle variant that crossed the network (or would have)
     bundle_id: str = ""
 
 
@@ -153,7 +156,7 @@ class Ping:
     address: str  # where this peer listens for peers (tcp://IP:PORT), '' if it does not
     load: float  # requests in progress / the most this peer queues
     queue_length: int  # requests in progress
-    tail_ms: float  # this peer's recent tail compute time (EWMA; 0 if unknown)
+    full_ms: float  # this peer's recent whole-model compute time (EWMA; 0 if unknown)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,6 +227,8 @@ Message = (
     | CacheSync
 )
 
+NEEDS = ("latency", "accuracy")
+
 # Entries in one CacheShare message (batching bounds both size and count).
 MAX_SHARED_ENTRIES = 256
 
@@ -244,12 +249,13 @@ class MsgpackCodec:
         tensors: list[np.ndarray] = []
         match message:
             case Submit():
-                body = {"frame": message.frame_name}
+                body = {"frame": message.frame_name, "need": message.need}
                 tensors = [message.pixels]
             case InferRequest():
                 body = {
                     "origin": message.origin,
-                    "split": message.split,
+                    "variant": message.variant,
+                    "encoding": message.encoding,
                     "deadline_ms": float(message.deadline_ms),
                 }
                 tensors = [message.tensor]
@@ -267,6 +273,7 @@ class MsgpackCodec:
                     "bytes_received": int(message.bytes_received),
                     "cache_entry": int(message.cache_entry),
                     "cache_distance": float(message.cache_distance),
+                    "variant": message.variant,
                 }
             case ErrorReply():
                 body = {"code": str(message.code), "message": message.message}
@@ -283,7 +290,7 @@ class MsgpackCodec:
                     "address": message.address,
                     "load": float(message.load),
                     "queue": int(message.queue_length),
-                    "tail_ms": float(message.tail_ms),
+                    "full_ms": float(message.full_ms),
                 }
             case CacheShare():
                 body = {
@@ -478,6 +485,7 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
                 request_id=request_id,
                 bundle_id=bundle_id,
                 frame_name=text("frame"),
+                need=_need(text("need"), request_id),
                 pixels=tensors[0],
             )
         case MessageType.INFER:
@@ -485,7 +493,8 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
                 request_id=request_id,
                 bundle_id=bundle_id,
                 origin=text("origin"),
-                split=text("split"),
+                variant=text("variant"),
+                encoding=text("encoding"),
                 deadline_ms=number("deadline_ms"),
                 tensor=tensors[0],
             )
@@ -509,6 +518,7 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
                 bytes_received=count("bytes_received"),
                 cache_entry=_get(body, "cache_entry", int, request_id),
                 cache_distance=number("cache_distance"),
+                variant=text("variant"),
             )
         case MessageType.ERROR:
             try:
@@ -541,7 +551,7 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
                 address=text("address"),
                 load=number("load"),
                 queue_length=count("queue"),
-                tail_ms=number("tail_ms"),
+                full_ms=number("full_ms"),
             )
         case MessageType.CACHE_SHARE:
             origins = _get(body, "origins", list, request_id)
@@ -581,6 +591,12 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
                 status=_get(body, "status", dict, request_id),
             )
     raise ProtocolError(f"unhandled message type {kind}", request_id)  # pragma: no cover
+
+
+def _need(value: str, request_id: str) -> str:
+    if value not in NEEDS:
+        raise ProtocolError(f"need must be one of {NEEDS}, got {value!r}", request_id)
+    return value
 
 
 def message_bytes(frames: Sequence[bytes]) -> int:

@@ -1,8 +1,13 @@
 """The model worker: one thread owns the model; the event loop never runs torch.
 
-Every forward pass (and the preprocessing before it) runs on a single
-dedicated thread, so requests queue in arrival order and the asyncio loop stays
-free to answer sockets, status and BUSY replies while the model is busy.
+Every forward pass (and the preprocessing, encoding and decoding around it)
+runs on a single dedicated thread, so requests queue in arrival order and the
+asyncio loop stays free to answer sockets, status and BUSY replies.
+
+The worker serves a :class:`ccied.pruning.bundle.Bundle`: for a frame it runs
+the stages up to the later of the cache split (whose tensor keys the cache) and
+the chosen variant's split, keeping both tensors, so a cache miss can be sent
+in that variant's format or finished here from where the head stopped.
 """
 
 from __future__ import annotations
@@ -17,11 +22,18 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from ccied.pruning import StagedModel, preprocess
+from ccied.pruning import CodecError, preprocess
+from ccied.pruning.bundle import Bundle, Variant
+from ccied.pruning.codec import CodecConfig, TensorCodec
+from ccied.pruning.transfer import projection_convs
+from torch import nn
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+RAW = "raw"  # float32 tensor on the wire
+CODEC = "codec"  # ccied.pruning.codec payload (uint8 bytes) on the wire
 
 
 class BadTensorError(ValueError):
@@ -36,20 +48,64 @@ class Prediction:
     tail_ms: float
 
 
-class ModelWorker:
-    """Runs head, tail and preprocessing of one split model on one thread."""
+@dataclass(frozen=True)
+class HeadResult:
+    """What the head left: the cache key tensor, the wire payload, and where it stopped."""
 
-    def __init__(self, model: StagedModel, split: str, slowdown: float = 1.0) -> None:
+    cache_tensor: np.ndarray  # (1, C, H, W) float32 at the cache split
+    payload: np.ndarray  # what crosses the network for the variant
+    encoding: str  # RAW or CODEC
+    variant: str
+    reach: torch.Tensor  # the last tensor computed, to finish the frame here
+    reach_index: int  # index of the last stage run
+    head_ms: float
+
+
+@dataclass
+class _VariantRuntime:
+    variant: Variant
+    index: int
+    encode: nn.Module | None
+    decode: nn.Module | None
+    codec: TensorCodec | None
+    wire_shape: tuple[int, ...]  # (1, k, H, W) after the projection
+
+    def payload_bytes(self) -> float:
+        if self.variant.bytes_per_frame:
+            return self.variant.bytes_per_frame
+        values = int(np.prod(self.wire_shape))
+        return values * (4 if self.variant.bits is None else self.variant.bits / 8)
+
+
+class ModelWorker:
+    """Runs the bundle's stages, codecs and preprocessing on one thread."""
+
+    def __init__(self, bundle: Bundle, slowdown: float = 1.0) -> None:
         if slowdown < 1.0:
             raise ValueError(f"slowdown must be at least 1, got {slowdown}")
         # An emulated slower device: each forward pass takes `slowdown` times
         # as long (the thread sleeps for the difference, so it stays busy).
         self.slowdown = slowdown
-        self.tail_ms_ewma = 0.0
-        self.model = model
-        self.point = model.split_point(split)
-        self._head, self._tail = model.split(split)
-        self.tensor_shape = (1, *self.point.output_shape)
+        self.bundle = bundle
+        self.model = bundle.model
+        self.stages = list(bundle.model.stages)
+        self.cache_point = bundle.model.split_point(bundle.cache_split)
+        self.variants: dict[str, _VariantRuntime] = {}
+        for variant in bundle.variants:
+            point = bundle.model.split_point(variant.split)
+            encode = decode = None
+            shape = (1, *point.output_shape)
+            projection = bundle.projections.get(variant.name)
+            if projection is not None:
+                encode, decode = projection_convs(projection)
+                shape = (1, projection.kept, *point.output_shape[1:])
+            codec = None if variant.bits is None else TensorCodec(CodecConfig(bits=variant.bits))
+            self.variants[variant.name] = _VariantRuntime(
+                variant, point.index, encode, decode, codec, shape
+            )
+        # Per-stage compute time on this device (measured by warm_up).
+        self.stage_ms = [1.0] * len(self.stages)
+        self.full_ms_ewma = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccied-model")
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -60,37 +116,6 @@ class ModelWorker:
         """Run other CPU work that belongs with the model (cache lookups) on its thread."""
         return await self._run(fn)
 
-    async def warm_up(self) -> None:
-        """One forward pass on zeros, so the first real frame is not the slow one."""
-        size = self.model.spec.input_size
-
-        def work() -> None:
-            x = torch.zeros(1, 3, size, size)
-            with torch.inference_mode():
-                middle = self._head(x)
-                self._tail(middle)  # the first pass is slow (allocations, kernels)
-                start = time.perf_counter()
-                self._tail(middle)
-            # A first estimate of the tail time, so routing starts informed.
-            self.tail_ms_ewma = self._emulate(start)
-
-        await self._run(work)
-
-    async def head(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
-        """Preprocess an RGB frame and run the head; returns the tensor and head ms.
-
-        Raises ccied.pruning.MediaError for a frame that is not RGB uint8.
-        """
-
-        def work() -> tuple[np.ndarray, float]:
-            start = time.perf_counter()
-            x = preprocess(pixels, self.model.spec)
-            with torch.inference_mode():
-                out = self._head(x)
-            return out.numpy().astype(np.float32, copy=False), self._emulate(start)
-
-        return await self._run(work)
-
     def _emulate(self, start: float) -> float:
         """Stretch the work since ``start`` by the slowdown; returns its ms."""
         elapsed = time.perf_counter() - start
@@ -98,39 +123,160 @@ class ModelWorker:
             time.sleep(elapsed * (self.slowdown - 1.0))
         return (time.perf_counter() - start) * 1e3
 
-    def check_tensor(self, tensor: np.ndarray) -> None:
-        """Raise BadTensorError unless the tensor fits this tail (shape, dtype, finite)."""
-        if tuple(tensor.shape) != self.tensor_shape:
-            raise BadTensorError(
-                f"tensor shape {tuple(tensor.shape)}, expected {self.tensor_shape}"
-            )
-        if tensor.dtype != np.float32:
-            raise BadTensorError(f"tensor dtype {tensor.dtype}, expected float32")
-        if not np.isfinite(tensor).all():
-            raise BadTensorError("tensor holds NaN or infinity")
+    async def warm_up(self) -> None:
+        """Run the model twice and time each stage, so routing starts informed."""
+        size = self.model.spec.input_size
 
-    async def tail(self, tensor: np.ndarray) -> Prediction:
-        """Run the tail on a checked intermediate tensor; returns the top-1 prediction."""
-        self.check_tensor(tensor)
+        def work() -> None:
+            with torch.inference_mode():
+                x = torch.zeros(1, 3, size, size)
+                self.stages_forward(x, 0, len(self.stages) - 1)  # first pass: allocations
+                timings = []
+                for stage in self.stages:
+                    start = time.perf_counter()
+                    x = stage(x)
+                    timings.append((time.perf_counter() - start) * 1e3 * self.slowdown)
+            self.stage_ms = timings
+            self.full_ms_ewma = sum(timings)
+
+        await self._run(work)
+
+    def stages_forward(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        for stage in self.stages[first : last + 1]:
+            x = stage(x)
+        return x
+
+    # -- estimates for the planner --------------------------------------------
+
+    def full_ms(self) -> float:
+        return self.full_ms_ewma or sum(self.stage_ms)
+
+    def head_ms(self, variant: str) -> float:
+        """This device's time from frame to the variant's split."""
+        return sum(self.stage_ms[: self.variants[variant].index + 1])
+
+    def tail_share(self, variant: str) -> float:
+        """Share of the model's time after the variant's split (for a target's estimate)."""
+        total = sum(self.stage_ms) or 1.0
+        return 1.0 - self.head_ms(variant) / total
+
+    def local_rest_ms(self, variant: str) -> float:
+        """Time to finish here once the head for ``variant`` (and the cache key) is done."""
+        reach = max(self.variants[variant].index, self.cache_point.index)
+        return sum(self.stage_ms[reach + 1 :])
+
+    def payload_bytes(self, variant: str) -> float:
+        return self.variants[variant].payload_bytes()
+
+    # -- the work -------------------------------------------------------------
+
+    async def head(self, pixels: np.ndarray, variant: str) -> HeadResult:
+        """Preprocess an RGB frame and run the stages the cache and ``variant`` need.
+
+        Raises ccied.pruning.MediaError for a frame that is not RGB uint8.
+        """
+        runtime = self.variants[variant]
+
+        def work() -> HeadResult:
+            start = time.perf_counter()
+            x = preprocess(pixels, self.model.spec)
+            last = max(runtime.index, self.cache_point.index)
+            cache_tensor = at_variant = None
+            with torch.inference_mode():
+                for index, stage in enumerate(self.stages[: last + 1]):
+                    x = stage(x)
+                    if index == self.cache_point.index:
+                        cache_tensor = x.numpy().astype(np.float32, copy=True)
+                    if index == runtime.index:
+                        at_variant = x if runtime.encode is None else runtime.encode(x)
+            assert cache_tensor is not None and at_variant is not None
+            wire = at_variant.numpy().astype(np.float32, copy=False)
+            if runtime.codec is None:
+                payload, encoding = np.ascontiguousarray(wire), RAW
+            else:
+                payload = np.frombuffer(runtime.codec.encode(wire), dtype=np.uint8)
+                encoding = CODEC
+            return HeadResult(
+                cache_tensor, payload, encoding, variant, x, last, self._emulate(start)
+            )
+
+        return await self._run(work)
+
+    def _predict(self, logits: torch.Tensor, start: float, tail_share: float) -> Prediction:
+        probs = torch.softmax(logits, dim=1)[0]
+        confidence, label = torch.max(probs, dim=0)
+        index = int(label)
+        tail_ms = self._emulate(start)
+        if tail_share > 0.05:
+            full = tail_ms / tail_share
+            self.full_ms_ewma = 0.8 * self.full_ms_ewma + 0.2 * full if self.full_ms_ewma else full
+        return Prediction(
+            label=index,
+            class_name=self.model.spec.class_names[index],
+            confidence=float(confidence),
+            tail_ms=tail_ms,
+        )
+
+    async def finish(self, head: HeadResult) -> Prediction:
+        """Finish a frame here, from where its head stopped (no codec loss)."""
+        share = sum(self.stage_ms[head.reach_index + 1 :]) / (sum(self.stage_ms) or 1.0)
 
         def work() -> Prediction:
             start = time.perf_counter()
-            # The wire gives a read-only buffer; torch wants a writable one.
-            x = torch.from_numpy(np.array(tensor, dtype=np.float32, copy=True))
             with torch.inference_mode():
-                probs = torch.softmax(self._tail(x), dim=1)[0]
-            confidence, label = torch.max(probs, dim=0)
-            index = int(label)
-            tail_ms = self._emulate(start)
-            self.tail_ms_ewma = (
-                tail_ms if not self.tail_ms_ewma else (0.8 * self.tail_ms_ewma + 0.2 * tail_ms)
+                logits = self.stages_forward(head.reach, head.reach_index + 1, len(self.stages) - 1)
+            return self._predict(logits, start, share)
+
+        return await self._run(work)
+
+    def check_tensor(self, variant: str, tensor: np.ndarray, encoding: str) -> _VariantRuntime:
+        """Raise BadTensorError unless the payload fits this variant's tail."""
+        runtime = self.variants.get(variant)
+        if runtime is None:
+            raise BadTensorError(
+                f"unknown variant {variant!r}; this bundle has {list(self.variants)}"
             )
-            return Prediction(
-                label=index,
-                class_name=self.model.spec.class_names[index],
-                confidence=float(confidence),
-                tail_ms=tail_ms,
-            )
+        expected = CODEC if runtime.codec is not None else RAW
+        if encoding != expected:
+            raise BadTensorError(f"variant {variant} travels as {expected}, got {encoding}")
+        if encoding == RAW:
+            if tuple(tensor.shape) != runtime.wire_shape:
+                raise BadTensorError(
+                    f"tensor shape {tuple(tensor.shape)}, expected {runtime.wire_shape}"
+                )
+            if tensor.dtype != np.float32:
+                raise BadTensorError(f"tensor dtype {tensor.dtype}, expected float32")
+            if not np.isfinite(tensor).all():
+                raise BadTensorError("tensor holds NaN or infinity")
+        elif tensor.dtype != np.uint8 or tensor.ndim != 1:
+            raise BadTensorError("a codec payload travels as one uint8 vector")
+        return runtime
+
+    async def tail(self, variant: str, tensor: np.ndarray, encoding: str) -> Prediction:
+        """Run the variant's tail on a payload another peer sent."""
+        runtime = self.check_tensor(variant, tensor, encoding)
+        share = self.tail_share(variant)
+
+        def work() -> Prediction:
+            start = time.perf_counter()
+            if runtime.codec is not None:
+                try:
+                    values = runtime.codec.decode(tensor.tobytes())
+                except CodecError as exc:
+                    raise BadTensorError(f"undecodable payload: {exc}") from exc
+                if tuple(values.shape) != runtime.wire_shape:
+                    raise BadTensorError(
+                        f"payload shape {tuple(values.shape)}, expected {runtime.wire_shape}"
+                    )
+            else:
+                values = tensor
+            # The wire gives a read-only buffer; torch wants a writable one.
+            x = torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+            with torch.inference_mode():
+                if runtime.decode is not None:
+                    x = runtime.decode(x)
+                logits = self.stages_forward(x, runtime.index + 1, len(self.stages) - 1)
+            return self._predict(logits, start, share)
 
         return await self._run(work)
 

@@ -3,7 +3,7 @@
 A leaf package: it never imports ccied.peer nor zmq.
 """
 
-from ccied.pruning.errors import MediaError, ModelError, PruningError
+from ccied.pruning.errors import CodecError, MediaError, ModelError, PruningError
 from ccied.pruning.media import Frame, bundled_clips, find_clip, iter_frames, preprocess
 from ccied.pruning.models import (
     DEFAULT_MODEL,
@@ -17,6 +17,7 @@ from ccied.pruning.models import (
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_SPLIT",
+    "CodecError",
     "Frame",
     "MediaError",
     "ModelError",

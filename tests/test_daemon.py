@@ -62,7 +62,16 @@ def cluster(workdir: Path) -> Iterator[tuple[PeerProcess, PeerProcess]]:
         socket_path=workdir / "cam1.sock",
         # Routing tests: without the cache every frame crosses the network, and
         # an edge emulated 4x slower than the cloud (a phone) offloads its tail.
-        extra_args=["--cloud", cloud_address, "--no-cache", "--slowdown", "4"],
+        # The raw float32 variant: answers equal the full model's, bit for bit.
+        extra_args=[
+            "--cloud",
+            cloud_address,
+            "--no-cache",
+            "--slowdown",
+            "4",
+            "--variant",
+            "blocks.11-raw",
+        ],
         log_path=workdir / "cam1.log",
     )
     try:
@@ -167,7 +176,8 @@ def test_the_cloud_refuses_another_bundle_and_tensors_of_the_wrong_shape(
             request_id=uuid.uuid4().hex,
             bundle_id=bundle_id,
             origin="intruder",
-            split="blocks.11",
+            variant="blocks.11-raw",
+            encoding="raw",
             deadline_ms=1000,
             tensor=tensor,
         )
@@ -186,8 +196,8 @@ def test_the_cloud_refuses_another_bundle_and_tensors_of_the_wrong_shape(
     assert isinstance(infer(bundle, good), InferResult)
     # Tensors are for the peer socket, frames for the local socket only.
     reply = exchange(f"ipc://{edge.socket_path}", encode(
-        InferRequest(request_id="r", bundle_id=bundle, origin="x", split="s", deadline_ms=1,
-                     tensor=good)
+        InferRequest(request_id="r", bundle_id=bundle, origin="x", variant="blocks.11-raw",
+                     encoding="raw", deadline_ms=1, tensor=good)
     ))  # fmt: skip
     assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.UNSUPPORTED
 
@@ -301,3 +311,79 @@ def test_sigterm_stops_cleanly_and_removes_the_socket(workdir: Path) -> None:
     assert (edge.socket_path.stat().st_mode & 0o777) == 0o600
     assert edge.stop() == 0
     assert not edge.socket_path.exists()
+
+
+def test_unknown_variants_and_undecodable_payloads_are_refused(
+    cluster: tuple[PeerProcess, PeerProcess],
+) -> None:
+    cloud, edge = cluster
+    with Client(edge.socket_path) as client:
+        bundle = client.status()["bundle_id"]
+
+    def infer(variant: str, encoding: str, tensor: np.ndarray) -> Message:
+        request = InferRequest(
+            request_id=uuid.uuid4().hex,
+            bundle_id=bundle,
+            origin="fuzzer",
+            variant=variant,
+            encoding=encoding,
+            deadline_ms=1000,
+            tensor=tensor,
+        )
+        return exchange(cloud.listen, encode(request))
+
+    garbage = np.frombuffer(b"CCTC" + bytes(60), dtype=np.uint8)
+    for variant, encoding, tensor in [
+        ("blocks.99-b4", "codec", garbage),
+        ("blocks.14-b4", "raw", np.zeros((1, 192, 7, 7), np.float32)),
+        ("blocks.14-b4", "codec", garbage),
+        ("blocks.14-b4", "codec", np.zeros((3, 4), np.uint8)),
+    ]:
+        reply = infer(variant, encoding, tensor)
+        assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.BAD_TENSOR, reply
+
+
+def test_the_planner_picks_the_variant_by_bandwidth_and_sends_what_it_promises(
+    workdir: Path, model: StagedModel, bikes_frames: list[np.ndarray]
+) -> None:
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    cloud = PeerProcess("cloud5", "cloud", address, workdir / "cloud5.sock")
+    cloud.start()
+    edges = {
+        mbps: PeerProcess(
+            f"cam5-{mbps}",
+            "edge",
+            "none",
+            workdir / f"cam5-{mbps}.sock",
+            extra_args=["--cloud", address, "--no-cache", "--slowdown", "4", "--link-mbps", mbps],
+        )
+        for mbps in ("0.2", "1000")
+    }
+    try:
+        cloud.wait_ready()
+        chosen = {}
+        for mbps, edge in edges.items():
+            edge.start()
+            edge.wait_ready()
+            edge.wait_connected()
+            with Client(edge.socket_path) as client:
+                results = [client.submit(p, f"f{i}") for i, p in enumerate(bikes_frames[:3])]
+                variants = {v["name"]: v for v in client.status()["variants"]}
+            (chosen[mbps],) = {r.variant for r in results}
+            variant = variants[chosen[mbps]]
+            for result, pixels in zip(results, bikes_frames[:3], strict=True):
+                if result.source == "cloud":
+                    # The codec payload the bundle promises, plus a small header.
+                    assert result.bytes_sent < variant["payload_bytes"] * 1.5 + 400
+                    assert (
+                        result.label == full_model_label(model, pixels)
+                        or variant["agreement"] < 1.0
+                    )
+            edge.stop()
+        # A slow uplink makes the smallest payload worth its longer head.
+        assert chosen["0.2"] == "blocks.14-b4"
+        assert chosen["1000"] != chosen["0.2"]
+    finally:
+        for edge in edges.values():
+            edge.stop()
+        cloud.stop()

@@ -52,6 +52,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         request_id=ids,
         frame_name=texts,
         pixels=hnp.arrays(np.uint8, hnp.array_shapes(min_dims=3, max_dims=3)),
+        need=st.sampled_from(["latency", "accuracy"]),
         bundle_id=texts,
     ),
     st.builds(
@@ -59,7 +60,8 @@ messages: st.SearchStrategy[Message] = st.one_of(
         request_id=ids,
         bundle_id=texts,
         origin=texts,
-        split=texts,
+        variant=texts,
+        encoding=texts,
         deadline_ms=finite,
         tensor=tensors,
     ),
@@ -78,6 +80,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         bytes_received=counts,
         cache_entry=st.integers(-1, 2**40),
         cache_distance=finite,
+        variant=texts,
         bundle_id=texts,
     ),
     st.builds(
@@ -101,7 +104,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
             address=texts,
             load=finite,
             queue_length=counts,
-            tail_ms=finite,
+            full_ms=finite,
         )
         for cls in (Ping, Pong)
     ),
@@ -201,7 +204,7 @@ def _infer_header(**changes: Any) -> bytes:
         "type": "infer",
         "id": "r1",
         "bundle": "b",
-        "body": {"origin": "cam1", "split": "blocks.11", "deadline_ms": 100.0},
+        "body": {"origin": "cam1", "variant": "v", "encoding": "raw", "deadline_ms": 100.0},
         "tensors": [["float32", [1, 4]]],
     }
     header.update(changes)
@@ -225,7 +228,7 @@ def _infer_header(**changes: Any) -> bytes:
         ([_infer_header(tensors=[["uint8", [1 << 30, 1 << 30]]]), b""], "exceeds"),
         ([_infer_header(tensors=[["float32", [-1, 4]]]), bytes(16)], "bad shape"),
         ([_infer_header(tensors=[["float32", [True, 4]]]), bytes(16)], "bad shape"),
-        ([_infer_header(body={"origin": "x"}), bytes(16)], "missing field 'split'"),
+        ([_infer_header(body={"origin": "x"}), bytes(16)], "missing field 'variant'"),
         ([_infer_header(id=""), bytes(16)], "missing request id"),
         ([msgpack.packb({1: 2})], "undecodable header"),
         ([b"\x81" + b"\x91" * 100_000], "exceeds|undecodable"),
@@ -237,7 +240,8 @@ def test_specific_malformations_name_the_problem(frames: list[bytes], message: s
 
 
 def test_non_finite_numbers_are_refused() -> None:
-    frames = [_infer_header(body={"origin": "a", "split": "s", "deadline_ms": float("nan")})]
+    body = {"origin": "a", "variant": "v", "encoding": "raw", "deadline_ms": float("nan")}
+    frames = [_infer_header(body=body)]
     with pytest.raises(ProtocolError, match="not finite") as caught:
         decode([*frames, bytes(16)])
     assert caught.value.request_id == "r1"  # so the error reply can name the request
@@ -255,7 +259,13 @@ def test_oversized_tensor_is_refused_on_encode() -> None:
     with pytest.raises(ProtocolError, match="exceeds"):
         encode(
             InferRequest(
-                request_id="r", bundle_id="b", origin="o", split="s", deadline_ms=1, tensor=big
+                request_id="r",
+                bundle_id="b",
+                origin="o",
+                variant="v",
+                encoding="raw",
+                deadline_ms=1,
+                tensor=big,
             )
         )
 

@@ -1,0 +1,90 @@
+"""Model bundles: identity, folders that round-trip, refusal of altered ones; the planner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ccied.pruning import ModelError, StagedModel
+from ccied.pruning.bundle import (
+    BUILTIN_VARIANTS,
+    DEFAULT_VARIANT,
+    MANIFEST_NAME,
+    Variant,
+    builtin_bundle,
+    load_bundle,
+    write_bundle,
+)
+from ccied.pruning.planner import Link, Need, rank_variants
+from ccied.pruning.transfer import fit_projection_from_activations
+
+
+def test_builtin_bundle_identity_is_stable_and_depends_on_the_variants() -> None:
+    a = builtin_bundle()
+    assert a.bundle_id == builtin_bundle().bundle_id
+    assert a.default_variant == DEFAULT_VARIANT
+    other = builtin_bundle(variants=BUILTIN_VARIANTS[1:], default_variant="blocks.11-b6")
+    assert other.bundle_id != a.bundle_id
+    with pytest.raises(ModelError, match="no split point"):
+        builtin_bundle(variants=(Variant("x", "blocks.99"),), default_variant="x")
+
+
+def test_a_bundle_folder_round_trips_and_refuses_tampering(
+    tmp_path: Path, model: StagedModel
+) -> None:
+    activations = torch.randn(64, 192, 7, 7)
+    projection = fit_projection_from_activations("blocks.11", activations, 0.5)
+    reduced = Variant("blocks.11-k0.50-b8", "blocks.11", 0.5, 8, agreement=0.9)
+    variants = (reduced, *BUILTIN_VARIANTS)
+    bundle_id = write_bundle(
+        tmp_path, model, variants, reduced.name, {reduced.name: projection},
+        cache_rule={"threshold_l2": 0.05, "vote_margin": 2.0},
+    )  # fmt: skip
+    loaded = load_bundle(tmp_path)
+    assert loaded.bundle_id == bundle_id != builtin_bundle().bundle_id
+    assert loaded.variant(reduced.name).agreement == 0.9
+    np.testing.assert_array_equal(loaded.projections[reduced.name].encoder, projection.encoder)
+    assert loaded.cache_rule == {"threshold_l2": 0.05, "vote_margin": 2.0}
+
+    npz = tmp_path / f"projection-{reduced.name}.npz"
+    npz.write_bytes(npz.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ModelError, match="altered"):
+        load_bundle(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    manifest["identity"]["variants"][0]["bits"] = 2
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="does not match its contents"):
+        load_bundle(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ModelError, match="malformed manifest"):
+        load_bundle(tmp_path)
+    with pytest.raises(ModelError, match="not a bundle folder"):
+        load_bundle(tmp_path / "nowhere")
+
+
+SMALL = Variant("small", "blocks.14", bits=4, agreement=0.985, bytes_per_frame=5_000)
+EARLY = Variant("early", "blocks.5", bits=8, agreement=0.999, bytes_per_frame=16_000)
+SLOPPY = Variant("sloppy", "blocks.14", bits=2, agreement=0.6, bytes_per_frame=1_500)
+HEAD = {"small": 40.0, "early": 12.0, "sloppy": 40.0}  # ms on a slow edge
+TAIL = {"small": 1.0, "early": 4.0, "sloppy": 1.0}  # ms on the cloud
+SIZE = {v.name: v.bytes_per_frame or 0.0 for v in (SMALL, EARLY, SLOPPY)}
+
+
+def best(bandwidth_mbps: float, need: Need = Need.LATENCY) -> str:
+    ranked = rank_variants(
+        [SMALL, EARLY, SLOPPY], HEAD, TAIL, SIZE, Link(20.0, bandwidth_mbps), need
+    )
+    return ranked[0].variant.name
+
+
+def test_the_planner_follows_the_bandwidth_and_the_need() -> None:
+    # A fast link favours the early split (less edge compute, more bytes)...
+    assert best(100.0) == "early"
+    # ...a slow one the small payload; the sloppy variant is under the floor.
+    assert best(1.0) == "small"
+    assert best(0.1) == "small"
+    # Accuracy first takes the most faithful, whatever the link.
+    assert best(1.0, Need.ACCURACY) == "early"
