@@ -400,8 +400,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0 if args.action == "clear" or outcome["forgotten"] else 1
 
 
+# A calibration with fewer hits than this says nothing about its threshold.
+MIN_CALIBRATION_HITS = 20
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from ccied.cache import calibrate, feature_from_tensor
+    from ccied.cache import HitRule, calibrate, feature_from_tensor
     from ccied.pruning.prepare import PrepareConfig, prepare_bundle, print_report
 
     _setup_logging(args.log_level)
@@ -409,6 +413,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     def calibrate_cache(features: Any, labels: Any, confidences: Any) -> dict[str, Any]:
         result = calibrate(features, labels, confidences, target_fidelity=args.cache_fidelity)
         rule = result.rule
+        if result.chosen.hits < MIN_CALIBRATION_HITS:
+            # Too few hits to say anything about a threshold: keep the defaults
+            # (calibrated on every frame of the clips, see ccied.cache.policy).
+            rule = HitRule()
         return {
             "rule": {
                 "threshold_l2": rule.threshold_l2,
@@ -418,6 +426,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             "target_fidelity": args.cache_fidelity,
             "calibration_hit_rate": round(result.chosen.hit_rate, 4),
             "calibration_fidelity": round(result.chosen.fidelity, 4),
+            "calibration_hits": result.chosen.hits,
+            "calibrated": result.chosen.hits >= MIN_CALIBRATION_HITS,
             "frames": result.frames,
         }
 
@@ -544,10 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     pr.add_argument("--model", default=DEFAULT_MODEL)
-    pr.add_argument("--split", default="blocks.14", help="split of the operating point")
+    pr.add_argument("--split", default="blocks.11", help="split of the operating point")
     pr.add_argument("--keep-ratio", type=float, default=1.0, help="share of channels kept (PCA)")
     pr.add_argument(
-        "--bits", type=int, choices=[2, 4, 6, 8, 32], default=4, help="codec bits (32: raw)"
+        "--bits", type=int, choices=[2, 4, 6, 8, 32], default=6, help="codec bits (32: raw)"
     )
     pr.add_argument("--every", type=int, default=3, help="use every N-th clip frame")
     pr.add_argument("--cache-fidelity", type=float, default=0.99, help="cache target")
@@ -575,6 +585,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_cache.add_arguments(bc)
     bc.set_defaults(func=bench_cache.run)
+
+    from ccied.bench import transfer as bench_transfer
+
+    bt = benches.add_parser(
+        "transfer",
+        help="transfer layer: bytes on the wire vs agreement per split, channels and bits",
+        description=(
+            "For each split x keep ratio x bits: codec bytes per frame, ratios to float32 and "
+            "to a JPEG q90 of the input, top-1 agreement with the unpruned model on held-out "
+            "clip frames, head/tail/encode/decode ms; Fashion-MNIST accuracy before and after."
+        ),
+    )
+    bench_transfer.add_arguments(bt)
+    bt.set_defaults(func=bench_transfer.run)
 
     d = sub.add_parser(
         "demo",
