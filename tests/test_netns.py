@@ -99,7 +99,7 @@ def test_discovery_and_forwarding_across_real_interfaces(
         with Client(edge.socket_path) as client:  # Unix sockets cross namespaces
             result = client.submit(cat_pixels, "cat")
         assert result.source == "cloud" and result.served_by == "netcloud"
-        assert result.bytes_sent > 30_000
+        assert 1_000 < result.bytes_sent < 40_000  # a codec payload crossed the bridge
     finally:
         edge.stop()
         cloud.stop()
