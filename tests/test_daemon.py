@@ -5,9 +5,7 @@ Every peer here is a separate ``ccied peer`` process with real ZeroMQ sockets.
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,15 +32,6 @@ from ccied.peer.wire import (
 from ccied.pruning import StagedModel, preprocess
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def workdir() -> Iterator[Path]:
-    # Short path: Unix socket paths are limited to 107 bytes.
-    path = Path(tempfile.mkdtemp(prefix="ccied-", dir="/tmp"))
-    path.chmod(0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

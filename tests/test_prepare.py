@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def folder() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ccied-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def prepared(folder: Path) -> Path:
-    out = folder / "bundle"
+def prepared(workdir: Path) -> Path:
+    out = workdir / "bundle"
     done = subprocess.run(
         [sys.executable, "-m", "ccied.peer.cli", "prepare", "--split", "blocks.14",
          "--keep-ratio", "0.5", "--bits", "8", "--every", "20", "--no-progress",
@@ -52,16 +42,16 @@ def test_prepare_writes_a_verified_bundle_with_measured_variants(prepared: Path)
 
 
 def test_peers_serving_the_bundle_send_what_it_promises(
-    prepared: Path, folder: Path, bikes_frames: list[np.ndarray]
+    prepared: Path, workdir: Path, bikes_frames: list[np.ndarray]
 ) -> None:
     address = f"tcp://127.0.0.1:{free_tcp_port()}"
     common = ["--model", str(prepared), "--no-cache"]
-    cloud = PeerProcess("pcloud", "cloud", address, folder / "pcloud.sock", extra_args=common)
+    cloud = PeerProcess("pcloud", "cloud", address, workdir / "pcloud.sock", extra_args=common)
     edge = PeerProcess(
         "pcam",
         "edge",
         "none",
-        folder / "pcam.sock",
+        workdir / "pcam.sock",
         extra_args=[*common, "--cloud", address, "--variant", "blocks.14-k0.50-b8",
                     "--slowdown", "8"],
     )  # fmt: skip
@@ -87,15 +77,15 @@ def test_peers_serving_the_bundle_send_what_it_promises(
 
 
 def test_a_peer_with_another_bundle_is_never_used(
-    prepared: Path, folder: Path, cat_pixels: np.ndarray
+    prepared: Path, workdir: Path, cat_pixels: np.ndarray
 ) -> None:
     address = f"tcp://127.0.0.1:{free_tcp_port()}"
-    cloud = PeerProcess("ocloud", "cloud", address, folder / "ocloud.sock")  # built-in bundle
+    cloud = PeerProcess("ocloud", "cloud", address, workdir / "ocloud.sock")  # built-in bundle
     edge = PeerProcess(
         "ocam",
         "edge",
         "none",
-        folder / "ocam.sock",
+        workdir / "ocam.sock",
         extra_args=["--model", str(prepared), "--cloud", address, "--slowdown", "8"],
     )
     cloud.start()
