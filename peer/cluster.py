@@ -51,6 +51,7 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 1.0
 DEFAULT_SHARE_INTERVAL_S = 0.2
 DEFAULT_SHARE_RATE_PER_S = 500.0  # entries a second to all neighbours, at most
 SHARE_OUTBOX_ENTRIES = 4096
+MIN_TRANSFER_SAMPLE_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,10 @@ class Cluster:
         elif exchange.bytes_sent:
             tail_ms = getattr(exchange.reply, "tail_ms", 0.0)
             transfer_s = (exchange.elapsed_ms - tail_ms - candidate.rtt_ms) / 1e3
-            if transfer_s > 0:
+            # Below a few ms the residual is per-message overhead (decoding,
+            # scheduling), not the link: such samples would make a fast link
+            # look slow, so only clearly link-bound transfers count.
+            if transfer_s >= MIN_TRANSFER_SAMPLE_S:
                 self.table.record_transfer(candidate.name, exchange.bytes_sent, transfer_s)
         return exchange
 
