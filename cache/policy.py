@@ -205,3 +205,26 @@ def calibrate(
         rule = HitRule(0.0, max(margins), k, DEFAULT_EXACT_L2, max(min_confidences))
         chosen = CalibrationPoint(0.0, max(margins), max(min_confidences), 0.0, 1.0, 0)
     return Calibration(rule=rule, chosen=chosen, curve=curve, frames=n)
+
+
+def evaluate(
+    features: np.ndarray, labels: np.ndarray, confidences: np.ndarray, rule: HitRule
+) -> CalibrationPoint:
+    """Replay frames in stream order through a fresh cache with ``rule``: hit rate, fidelity."""
+    keep = confidences >= rule.min_insert_confidence
+    hits = correct = 0
+    for i, (distances, near_labels) in enumerate(
+        _stream_neighbours(features, labels, keep, rule.k)
+    ):
+        decision = decide(list(distances), list(near_labels), rule)
+        if decision.hit:
+            hits += 1
+            correct += int(decision.label == labels[i])
+    return CalibrationPoint(
+        threshold_l2=rule.threshold_l2,
+        vote_margin=rule.vote_margin,
+        min_insert_confidence=rule.min_insert_confidence,
+        hit_rate=hits / max(1, len(features)),
+        fidelity=correct / hits if hits else 1.0,
+        hits=hits,
+    )

@@ -217,7 +217,8 @@ class CacheStore:
                     applied += 1
                     seq = record_seq
                     next_id = max(next_id, int(record.get("id", 0)) + 1)
-            except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+            # OverflowError: int() of an infinite float in a record whose crc matches.
+            except (ValueError, KeyError, TypeError, OverflowError, msgpack.UnpackException) as exc:
                 log.warning("cache log %s: unreadable record at byte %d (%s)", path, offset, exc)
                 break
             offset = start + length

@@ -45,6 +45,7 @@ CONFIG_KEYS = {
     "socket",
     "model",
     "variant",
+    "variants",
     "fidelity_floor",
     "cloud",
     "peer",
@@ -111,6 +112,11 @@ def _add_peer_parser(sub: Any) -> None:
         "--variant",
         help="always send this variant of the bundle (default: the planner picks per frame "
         "from the measured bandwidth and compute); see `ccied status`",
+    )
+    p.add_argument(
+        "--variants",
+        metavar="A,B,...",
+        help="let the planner choose among these variants only (default: all of the bundle's)",
     )
     p.add_argument(
         "--fidelity-floor",
@@ -258,6 +264,7 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         socket_path=socket_path,
         model=pick("model", default=DEFAULT_MODEL),
         variant=pick("variant"),
+        variants=tuple(v for v in str(pick("variants") or "").split(",") if v),
         fidelity_floor=float(pick("fidelity_floor", default=DEFAULT_FIDELITY_FLOOR)),
         cloud=pick("cloud"),
         peers=tuple(peers),
@@ -409,30 +416,48 @@ MIN_CALIBRATION_HITS = 20
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    import numpy as np
     from ccied.cache import HitRule, calibrate, feature_from_tensor
+    from ccied.cache.policy import evaluate
     from ccied.pruning.prepare import PrepareConfig, prepare_bundle, print_report
 
     _setup_logging(args.log_level)
 
-    def calibrate_cache(features: Any, labels: Any, confidences: Any) -> dict[str, Any]:
-        result = calibrate(features, labels, confidences, target_fidelity=args.cache_fidelity)
+    Frames = tuple[np.ndarray, np.ndarray, np.ndarray]  # features, labels, confidences
+
+    def calibrate_cache(fit: Frames, held_out: Frames) -> dict[str, Any]:
+        result = calibrate(fit[0], fit[1], fit[2], target_fidelity=args.cache_fidelity)
         rule = result.rule
+        check = evaluate(held_out[0], held_out[1], held_out[2], rule)
+        verdict = "calibrated"
         if result.chosen.hits < MIN_CALIBRATION_HITS:
             # Too few hits to say anything about a threshold: keep the defaults
             # (calibrated on every frame of the clips, see ccied.cache.policy).
-            rule = HitRule()
+            rule, verdict = HitRule(), "too few hits: defaults kept"
+        elif check.fidelity < args.cache_fidelity:
+            # The threshold did not hold on frames it was not fitted on.
+            rule, verdict = HitRule(), "failed on held-out frames: defaults kept"
+        held = evaluate(held_out[0], held_out[1], held_out[2], rule)
         return {
             "rule": {
                 "threshold_l2": rule.threshold_l2,
                 "vote_margin": rule.vote_margin,
                 "min_insert_confidence": rule.min_insert_confidence,
             },
+            "verdict": verdict,
             "target_fidelity": args.cache_fidelity,
-            "calibration_hit_rate": round(result.chosen.hit_rate, 4),
-            "calibration_fidelity": round(result.chosen.fidelity, 4),
-            "calibration_hits": result.chosen.hits,
-            "calibrated": result.chosen.hits >= MIN_CALIBRATION_HITS,
-            "frames": result.frames,
+            "calibration": {
+                "threshold_l2": result.chosen.threshold_l2,
+                "hits": result.chosen.hits,
+                "hit_rate": round(result.chosen.hit_rate, 4),
+                "fidelity": round(result.chosen.fidelity, 4),
+                "held_out_fidelity": round(check.fidelity, 4),
+            },
+            "held_out": {
+                "hit_rate": round(held.hit_rate, 4),
+                "fidelity": round(held.fidelity, 4),
+                "hits": held.hits,
+            },
         }
 
     config = PrepareConfig(

@@ -126,8 +126,10 @@ class PeerConfig:
     socket_path: Path | None = None
     # A registered model name (its built-in variants) or a `ccied prepare` folder.
     model: str = DEFAULT_MODEL
-    # Pin one variant of the bundle (None: the planner chooses per frame).
+    # Pin one variant of the bundle (None: the planner chooses per frame)...
     variant: str | None = None
+    # ...or let it choose among these only (empty: all of the bundle's).
+    variants: tuple[str, ...] = ()
     fidelity_floor: float = DEFAULT_FIDELITY_FLOOR
     cloud: str | None = None
     peers: tuple[str, ...] = ()
@@ -181,8 +183,8 @@ class PeerDaemon:
             torch.set_num_threads(config.torch_threads)
         try:
             self.bundle = open_bundle(config.model)
-            if config.variant is not None:
-                self.bundle.variant(config.variant)  # ModelError lists the valid ones
+            for name in (*config.variants, *((config.variant,) if config.variant else ())):
+                self.bundle.variant(name)  # ModelError lists the valid ones
         except ModelError as exc:
             raise PeerError(str(exc)) from exc
         try:
@@ -503,14 +505,16 @@ class PeerDaemon:
         variant = self._choose_variant(request.need)
         self.variant_counts[variant] += 1
         try:
-            head = await self.worker.head(request.pixels, variant)
+            head = await self.worker.head(
+                request.pixels, variant, with_cache=self.cache is not None
+            )
         except MediaError as exc:
             self.counters.errors += 1
             return ErrorReply(
                 request_id=request.request_id, code=ErrorCode.BAD_FRAME, message=str(exc)
             )
         feature = None
-        if self.cache is not None:
+        if self.cache is not None and head.cache_tensor is not None:
             try:
                 feature, lookup = await self.worker.call(
                     functools.partial(self._lookup, head.cache_tensor)
@@ -537,8 +541,8 @@ class PeerDaemon:
             self._insert_later(feature, result.label, result.confidence)
         return result
 
-    def _lookup(self, tensor: np.ndarray) -> tuple[np.ndarray, LookupResult]:
-        assert self.cache is not None
+    def _lookup(self, tensor: np.ndarray | None) -> tuple[np.ndarray, LookupResult]:
+        assert self.cache is not None and tensor is not None
         feature = feature_from_tensor(tensor)
         return feature, self.cache.lookup(feature)
 
@@ -652,10 +656,13 @@ class PeerDaemon:
         if self.config.variant is not None:
             return self.config.variant
         default = self.bundle.default_variant
+        if self.config.variants and default not in self.config.variants:
+            default = self.config.variants[0]
         if self.cluster is None:
             return default
         worker = self.worker
-        names = list(worker.variants)
+        names = list(self.config.variants or worker.variants)
+        allowed = [self.bundle.variant(name) for name in names]
         head_ms = {name: worker.head_ms(name) for name in names}
         payload = {name: worker.payload_bytes(name) for name in names}
         best: tuple[float, str] | None = None
@@ -666,7 +673,7 @@ class PeerDaemon:
                 for name in names
             }
             ranked = rank_variants(
-                self.bundle.variants,
+                allowed,
                 head_ms,
                 tails,
                 payload,
@@ -686,7 +693,7 @@ class PeerDaemon:
             name=self.config.name,
             kind=TargetKind.LOCAL,
             address="",
-            tail_ms=self.worker.local_rest_ms(head.variant),
+            tail_ms=self.worker.local_rest_ms(head.variant, with_cache=self.cache is not None),
             queue_length=max(0, self._computing - 1),
         )
         share = self.worker.tail_share(head.variant)

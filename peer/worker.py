@@ -22,9 +22,10 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from ccied.pruning import CodecError, preprocess
+from ccied.pruning import CodecError, MediaError
 from ccied.pruning.bundle import Bundle, Variant
 from ccied.pruning.codec import CodecConfig, TensorCodec
+from ccied.pruning.media import center_crop, decode_jpeg, encode_jpeg, normalize
 from ccied.pruning.transfer import projection_convs
 from torch import nn
 
@@ -34,6 +35,8 @@ T = TypeVar("T")
 
 RAW = "raw"  # float32 tensor on the wire
 CODEC = "codec"  # ccied.pruning.codec payload (uint8 bytes) on the wire
+JPEG = "jpeg"  # a JPEG of the input crop (uint8 bytes): the cloud-only baseline
+MAX_JPEG_BYTES = 1 << 20
 
 
 class BadTensorError(ValueError):
@@ -52,7 +55,7 @@ class Prediction:
 class HeadResult:
     """What the head left: the cache key tensor, the wire payload, and where it stopped."""
 
-    cache_tensor: np.ndarray  # (1, C, H, W) float32 at the cache split
+    cache_tensor: np.ndarray | None  # (1, C, H, W) float32 at the cache split (if asked)
     payload: np.ndarray  # what crosses the network for the variant
     encoding: str  # RAW or CODEC
     variant: str
@@ -70,9 +73,17 @@ class _VariantRuntime:
     codec: TensorCodec | None
     wire_shape: tuple[int, ...]  # (1, k, H, W) after the projection
 
+    @property
+    def encoding(self) -> str:
+        if self.variant.jpeg_quality is not None:
+            return JPEG
+        return RAW if self.codec is None else CODEC
+
     def payload_bytes(self) -> float:
         if self.variant.bytes_per_frame:
             return self.variant.bytes_per_frame
+        if self.variant.jpeg_quality is not None:
+            return 13_000.0  # JPEG q90 of a 224x224 frame, median of the bundled clips
         values = int(np.prod(self.wire_shape))
         return values * (4 if self.variant.bits is None else self.variant.bits / 8)
 
@@ -92,6 +103,9 @@ class ModelWorker:
         self.cache_point = bundle.model.split_point(bundle.cache_split)
         self.variants: dict[str, _VariantRuntime] = {}
         for variant in bundle.variants:
+            if variant.jpeg_quality is not None:
+                self.variants[variant.name] = _VariantRuntime(variant, -1, None, None, None, ())
+                continue
             point = bundle.model.split_point(variant.split)
             encode = decode = None
             shape = (1, *point.output_shape)
@@ -152,7 +166,7 @@ class ModelWorker:
         return self.full_ms_ewma or sum(self.stage_ms)
 
     def head_ms(self, variant: str) -> float:
-        """This device's time from frame to the variant's split."""
+        """This device's time from frame to the variant's split (0 for a JPEG)."""
         return sum(self.stage_ms[: self.variants[variant].index + 1])
 
     def tail_share(self, variant: str) -> float:
@@ -160,9 +174,9 @@ class ModelWorker:
         total = sum(self.stage_ms) or 1.0
         return 1.0 - self.head_ms(variant) / total
 
-    def local_rest_ms(self, variant: str) -> float:
+    def local_rest_ms(self, variant: str, with_cache: bool = True) -> float:
         """Time to finish here once the head for ``variant`` (and the cache key) is done."""
-        reach = max(self.variants[variant].index, self.cache_point.index)
+        reach = max(self.variants[variant].index, self.cache_point.index if with_cache else -1)
         return sum(self.stage_ms[reach + 1 :])
 
     def payload_bytes(self, variant: str) -> float:
@@ -170,7 +184,7 @@ class ModelWorker:
 
     # -- the work -------------------------------------------------------------
 
-    async def head(self, pixels: np.ndarray, variant: str) -> HeadResult:
+    async def head(self, pixels: np.ndarray, variant: str, with_cache: bool = True) -> HeadResult:
         """Preprocess an RGB frame and run the stages the cache and ``variant`` need.
 
         Raises ccied.pruning.MediaError for a frame that is not RGB uint8.
@@ -179,8 +193,9 @@ class ModelWorker:
 
         def work() -> HeadResult:
             start = time.perf_counter()
-            x = preprocess(pixels, self.model.spec)
-            last = max(runtime.index, self.cache_point.index)
+            crop = center_crop(pixels, self.model.spec.input_size)
+            x = normalize(crop, self.model.spec)
+            last = max(runtime.index, self.cache_point.index if with_cache else -1)
             cache_tensor = at_variant = None
             with torch.inference_mode():
                 for index, stage in enumerate(self.stages[: last + 1]):
@@ -189,7 +204,13 @@ class ModelWorker:
                         cache_tensor = x.numpy().astype(np.float32, copy=True)
                     if index == runtime.index:
                         at_variant = x if runtime.encode is None else runtime.encode(x)
-            assert cache_tensor is not None and at_variant is not None
+            if runtime.variant.jpeg_quality is not None:
+                jpeg = encode_jpeg(crop, runtime.variant.jpeg_quality)
+                payload, encoding = np.frombuffer(jpeg, dtype=np.uint8), JPEG
+                return HeadResult(
+                    cache_tensor, payload, encoding, variant, x, last, self._emulate(start)
+                )
+            assert at_variant is not None
             wire = at_variant.numpy().astype(np.float32, copy=False)
             if runtime.codec is None:
                 payload, encoding = np.ascontiguousarray(wire), RAW
@@ -236,9 +257,13 @@ class ModelWorker:
             raise BadTensorError(
                 f"unknown variant {variant!r}; this bundle has {list(self.variants)}"
             )
-        expected = CODEC if runtime.codec is not None else RAW
+        expected = runtime.encoding
         if encoding != expected:
             raise BadTensorError(f"variant {variant} travels as {expected}, got {encoding}")
+        if encoding == JPEG:
+            if tensor.dtype != np.uint8 or tensor.ndim != 1 or tensor.size > MAX_JPEG_BYTES:
+                raise BadTensorError("a JPEG travels as one uint8 vector of at most 1 MiB")
+            return runtime
         if encoding == RAW:
             if tuple(tensor.shape) != runtime.wire_shape:
                 raise BadTensorError(
@@ -259,6 +284,15 @@ class ModelWorker:
 
         def work() -> Prediction:
             start = time.perf_counter()
+            if runtime.variant.jpeg_quality is not None:
+                size = self.model.spec.input_size
+                try:
+                    x = normalize(decode_jpeg(tensor.tobytes(), size), self.model.spec)
+                except MediaError as exc:
+                    raise BadTensorError(str(exc)) from exc
+                with torch.inference_mode():
+                    logits = self.stages_forward(x, 0, len(self.stages) - 1)
+                return self._predict(logits, start, share)
             if runtime.codec is not None:
                 try:
                     values = runtime.codec.decode(tensor.tobytes())

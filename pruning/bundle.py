@@ -40,6 +40,8 @@ MAX_MANIFEST_BYTES = 1 << 20
 MAX_VARIANTS = 32
 # The split whose tensor keys the semantic cache (measured best: ccied.cache.policy).
 DEFAULT_CACHE_SPLIT = "blocks.11"
+# The "split" of a JPEG variant: before the first stage.
+INPUT_SPLIT = "input"
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class Variant:
     split: str
     keep_ratio: float = 1.0  # < 1 needs a fitted projection in the bundle folder
     bits: int | None = 8  # codec bits; None sends raw float32
+    # Set for the cloud-only baseline: a JPEG of the model's input crop at this
+    # quality crosses instead of a tensor (split "input", bits None).
+    jpeg_quality: int | None = None
     # Measured by `ccied prepare` / `ccied bench transfer` on held-out real frames.
     agreement: float | None = None
     bytes_per_frame: float | None = None
@@ -59,6 +64,12 @@ class Variant:
             raise ModelError(f"variant {self.name}: keep_ratio must be in (0, 1]")
         if self.bits not in (None, 2, 4, 6, 8):
             raise ModelError(f"variant {self.name}: bits must be 2, 4, 6, 8 or raw")
+        if self.jpeg_quality is not None and (
+            self.split != INPUT_SPLIT or self.bits is not None or not 1 <= self.jpeg_quality <= 100
+        ):
+            raise ModelError(f"variant {self.name}: a JPEG variant has split 'input', no bits")
+        if self.split == INPUT_SPLIT and self.jpeg_quality is None:
+            raise ModelError(f"variant {self.name}: the input travels only as a JPEG")
 
 
 # Figures from `ccied prepare` (defaults) on the bundled clips: every 3rd frame,
@@ -68,12 +79,16 @@ class Variant:
 # 0.015. blocks.11 at 6 bits is the default: it keeps every answer (1.000) at
 # 4.8x fewer bytes than float32; blocks.14 at 4 bits is smaller (7.1x) but
 # measured 0.971-0.985, around the 0.98 floor; blocks.7 at 8 bits moves work
-# off a slow device when the link is fast.
+# off a slow device when the link is fast. jpeg-q90 is the cloud-only baseline
+# (the 224x224 input crop as a JPEG): 0.824, these clips' answers are fragile.
 BUILTIN_VARIANTS = (
     Variant("blocks.11-b6", "blocks.11", 1.0, 6, agreement=1.0, bytes_per_frame=7850),
     Variant("blocks.7-b8", "blocks.7", 1.0, 8, agreement=1.0, bytes_per_frame=15428),
     Variant("blocks.14-b4", "blocks.14", 1.0, 4, agreement=0.971, bytes_per_frame=5288),
     Variant("blocks.11-raw", "blocks.11", 1.0, None, agreement=1.0, bytes_per_frame=37632),
+    Variant(
+        "jpeg-q90", INPUT_SPLIT, 1.0, None, jpeg_quality=90, agreement=0.824, bytes_per_frame=13582
+    ),
 )
 DEFAULT_VARIANT = "blocks.11-b6"
 
@@ -111,7 +126,13 @@ def _identity(
         "weights_sha256": model.spec.weights_sha256,
         "cache_split": cache_split,
         "variants": [
-            {"name": v.name, "split": v.split, "keep_ratio": v.keep_ratio, "bits": v.bits}
+            {
+                "name": v.name,
+                "split": v.split,
+                "keep_ratio": v.keep_ratio,
+                "bits": v.bits,
+                **({"jpeg_quality": v.jpeg_quality} if v.jpeg_quality is not None else {}),
+            }
             for v in variants
         ],
         "files": dict(sorted(files.items())),
@@ -129,7 +150,8 @@ def _check_variants(model: StagedModel, variants: tuple[Variant, ...], default: 
     if len({v.name for v in variants}) != len(variants):
         raise ModelError("variant names must be unique")
     for variant in variants:
-        model.split_point(variant.split)  # ModelError names the valid ones
+        if variant.split != INPUT_SPLIT:
+            model.split_point(variant.split)  # ModelError names the valid ones
     if default not in {v.name for v in variants}:
         raise ModelError(f"default variant {default!r} is not in the bundle")
 
@@ -226,6 +248,7 @@ def load_bundle(folder: Path) -> Bundle:
                 split=str(v["split"]),
                 keep_ratio=float(v["keep_ratio"]),
                 bits=None if v["bits"] is None else int(v["bits"]),
+                jpeg_quality=None if v.get("jpeg_quality") is None else int(v["jpeg_quality"]),
                 agreement=_optional_float(measured.get(v["name"], {}).get("agreement")),
                 bytes_per_frame=_optional_float(measured.get(v["name"], {}).get("bytes_per_frame")),
             )
@@ -236,7 +259,9 @@ def load_bundle(folder: Path) -> Bundle:
         files = {str(k): str(v) for k, v in identity["files"].items()}
         cache_rule = manifest.get("cache_rule")
         figures = manifest.get("figures") or {}
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
+        # AttributeError: a field of the wrong JSON type ("files": []); OverflowError:
+        # int(Infinity) or float(10**400); RecursionError: JSON nested too deep.
         raise ModelError(f"{path}: malformed manifest ({exc!r})") from exc
     _check_variants(model, variants, default_variant)
     model.split_point(cache_split)

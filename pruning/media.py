@@ -8,6 +8,7 @@ and what :func:`preprocess` turns into a normalised model input.
 from __future__ import annotations
 
 import importlib.util
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +53,9 @@ def check_frame(pixels: np.ndarray) -> None:
         )
 
 
-def preprocess(pixels: np.ndarray, spec: ModelSpec) -> torch.Tensor:
-    """RGB uint8 frame -> normalised float32 input of shape (1, 3, S, S)."""
+def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 frame -> the size x size uint8 crop the model sees (short side / 0.875)."""
     check_frame(pixels)
-    size = spec.input_size
     image = Image.fromarray(pixels)
     short = round(size / CENTER_CROP_FRACTION)
     width, height = image.size
@@ -66,12 +66,42 @@ def preprocess(pixels: np.ndarray, spec: ModelSpec) -> torch.Tensor:
     )
     left = (resized.width - size) // 2
     top = (resized.height - size) // 2
-    cropped = resized.crop((left, top, left + size, top + size))
-    array = np.asarray(cropped, dtype=np.float32) / 255.0
+    return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def normalize(crop: np.ndarray, spec: ModelSpec) -> torch.Tensor:
+    """A size x size RGB uint8 crop -> normalised float32 input of shape (1, 3, S, S)."""
+    size = spec.input_size
+    if crop.dtype != np.uint8 or crop.shape != (size, size, 3):
+        raise MediaError(f"expected a {size}x{size}x3 uint8 crop, got {crop.dtype} {crop.shape}")
+    array = crop.astype(np.float32) / 255.0
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
     normalised = (array - mean) / std
     return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))[None]
+
+
+def preprocess(pixels: np.ndarray, spec: ModelSpec) -> torch.Tensor:
+    """RGB uint8 frame -> normalised float32 input of shape (1, 3, S, S)."""
+    return normalize(center_crop(pixels, spec.input_size), spec)
+
+
+def encode_jpeg(crop: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of an RGB uint8 crop (what a cloud-only camera would upload)."""
+    buffer = io.BytesIO()
+    Image.fromarray(crop).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def decode_jpeg(data: bytes, size: int) -> np.ndarray:
+    """A JPEG of a size x size crop back to RGB uint8; MediaError for anything else."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG" or image.size != (size, size):
+                raise MediaError(f"expected a {size}x{size} JPEG, got {image.format} {image.size}")
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise MediaError(f"not a readable JPEG ({exc})") from exc
 
 
 def load_image(path: Path) -> np.ndarray:

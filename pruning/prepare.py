@@ -33,8 +33,16 @@ from ccied.pruning.bundle import (
     write_bundle,
 )
 from ccied.pruning.codec import CodecConfig, TensorCodec
-from ccied.pruning.media import bundled_clips, iter_frames, preprocess
-from ccied.pruning.models import DEFAULT_MODEL, load_model
+from ccied.pruning.media import (
+    bundled_clips,
+    center_crop,
+    decode_jpeg,
+    encode_jpeg,
+    iter_frames,
+    normalize,
+    preprocess,
+)
+from ccied.pruning.models import DEFAULT_MODEL, StagedModel, load_model
 from ccied.pruning.transfer import (
     TransferProjection,
     fit_projection_from_activations,
@@ -47,8 +55,12 @@ log = logging.getLogger(__name__)
 DEFAULT_EVERY = 3
 DEFAULT_FIT_FRACTION = 0.6
 
-# cache features (N, D), labels, confidences -> HitRule fields and the chosen point
-Calibrator = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, Any]]
+# (features, labels, confidences) of the fit frames, then of the held-out frames,
+# in stream order -> {"rule": HitRule fields, ...figures}
+Calibrator = Callable[
+    [tuple[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    dict[str, Any],
+]
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,9 @@ def prepare_bundle(
         config.bits,
     )
     variants = [chosen, *(v for v in BUILTIN_VARIANTS if v.name != chosen.name)]
-    split_index = {v.split: model.split_point(v.split).index for v in variants}
+    split_index = {
+        v.split: model.split_point(v.split).index for v in variants if v.jpeg_quality is None
+    }
     cache_index = model.split_point(config.cache_split).index
 
     frames: list[np.ndarray] = []
@@ -124,6 +138,25 @@ def prepare_bundle(
     rows = []
     held = np.flatnonzero(~fit_mask)
     for variant in tqdm(variants, desc="variants", disable=not progress):
+        if variant.jpeg_quality is not None:
+            agreement, bytes_median = _measure_jpeg(
+                model, [frames[i] for i in held], label_array[held], variant.jpeg_quality
+            )
+            measured.append(replace(variant, agreement=agreement, bytes_per_frame=bytes_median))
+            rows.append(
+                {
+                    "name": variant.name,
+                    "split": variant.split,
+                    "keep_ratio": 1.0,
+                    "bits": None,
+                    "jpeg_quality": variant.jpeg_quality,
+                    "agreement": round(agreement, 4),
+                    "bytes_per_frame": bytes_median,
+                    "fp32_bytes": 3 * model.spec.input_size**2 * 4,
+                    "ratio_to_fp32": round(3 * model.spec.input_size**2 * 4 / bytes_median, 2),
+                }
+            )
+            continue
         index = split_index[variant.split]
         stacked = torch.cat(tensors[index])
         encode = decode = None
@@ -169,8 +202,10 @@ def prepare_bundle(
         )
 
     features = np.stack([feature_of(t.numpy()) for t in tensors[cache_index]])
+    confidence_array = np.array(confidences)
     calibration = calibrate_cache(
-        features[fit_mask], label_array[fit_mask], np.array(confidences)[fit_mask]
+        (features[fit_mask], label_array[fit_mask], confidence_array[fit_mask]),
+        (features[~fit_mask], label_array[~fit_mask], confidence_array[~fit_mask]),
     )
     rule = calibration["rule"]
     frames_info = {"fit": int(fit_mask.sum()), "held_out": len(held), "every": config.every}
@@ -187,6 +222,21 @@ def prepare_bundle(
     return PrepareReport(bundle_id, out, rows, calibration, frames_info)
 
 
+def _measure_jpeg(
+    model: StagedModel, frames: list[np.ndarray], labels: np.ndarray, quality: int
+) -> tuple[float, float]:
+    """Agreement and median bytes when the input crop crosses as a JPEG."""
+    size = model.spec.input_size
+    agree, sizes = 0, []
+    with torch.inference_mode():
+        for pixels, label in zip(frames, labels, strict=True):
+            jpeg = encode_jpeg(center_crop(pixels, size), quality)
+            sizes.append(len(jpeg))
+            x = normalize(decode_jpeg(jpeg, size), model.spec)
+            agree += int(int(model.full()(x).argmax()) == label)
+    return agree / max(1, len(frames)), float(np.median(sizes))
+
+
 def print_report(report: PrepareReport, write: Callable[[str], Any] = print) -> None:
     write(f"bundle {report.bundle_id} written to {report.folder}")
     write(f"frames: {report.frames}")
@@ -196,4 +246,7 @@ def print_report(report: PrepareReport, write: Callable[[str], Any] = print) -> 
             f"{row['name']:<22} {row['bytes_per_frame']:>8.0f} {row['ratio_to_fp32']:>7.1f} "
             f"{row['agreement']:>9.3f}"
         )
-    write(f"cache rule: {report.cache_rule['rule']}")
+    write(
+        f"cache rule: {report.cache_rule['rule']} ({report.cache_rule['verdict']}); "
+        f"held-out frames: {report.cache_rule['held_out']}"
+    )
