@@ -46,6 +46,7 @@ CONFIG_KEYS = {
     "model",
     "variant",
     "variants",
+    "always_offload",
     "fidelity_floor",
     "cloud",
     "peer",
@@ -196,6 +197,13 @@ def _add_peer_parser(sub: Any) -> None:
         help="emulate a device this many times slower (each forward pass is stretched)",
     )
     e.add_argument("--link-mbps", type=float, help="emulate an uplink of this bandwidth")
+    e.add_argument(
+        "--always-offload",
+        action="store_true",
+        default=None,
+        help="send every miss to a neighbour even when finishing here is faster "
+        "(for baselines such as cloud-only)",
+    )
     e.add_argument("--link-rtt-ms", type=float, help="emulate this round-trip time per message")
     p.add_argument("--config", type=Path, help="TOML file with any of these options as keys")
     # Tests keep their mDNS apart from other peers on the machine.
@@ -265,6 +273,7 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         model=pick("model", default=DEFAULT_MODEL),
         variant=pick("variant"),
         variants=tuple(v for v in str(pick("variants") or "").split(",") if v),
+        always_offload=bool(pick("always_offload", default=False)),
         fidelity_floor=float(pick("fidelity_floor", default=DEFAULT_FIDELITY_FLOOR)),
         cloud=pick("cloud"),
         peers=tuple(peers),
@@ -628,6 +637,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_transfer.add_arguments(bt)
     bt.set_defaults(func=bench_transfer.run)
+
+    from ccied.bench import cluster_bench
+
+    bcl = benches.add_parser(
+        "cluster",
+        help="ccied against edge-only, cloud-only, split and split+quantization baselines",
+        description=(
+            "A cloud and camera peers as real processes on loopback; devices and links "
+            "emulated (compute slowdown, sender-side bandwidth and RTT). Every strategy on "
+            "the same frames in one run: mean/p95 latency, hit rate, fidelity, bytes/frame."
+        ),
+    )
+    cluster_bench.add_arguments(bcl)
+    bcl.set_defaults(func=cluster_bench.run)
 
     d = sub.add_parser(
         "demo",

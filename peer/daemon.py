@@ -130,6 +130,8 @@ class PeerConfig:
     variant: str | None = None
     # ...or let it choose among these only (empty: all of the bundle's).
     variants: tuple[str, ...] = ()
+    # Baselines only: send every miss to a neighbour even when finishing here is faster.
+    always_offload: bool = False
     fidelity_floor: float = DEFAULT_FIDELITY_FLOOR
     cloud: str | None = None
     peers: tuple[str, ...] = ()
@@ -700,7 +702,10 @@ class PeerDaemon:
         remotes = [
             dataclasses.replace(c, tail_ms=c.tail_ms * share) for c in self.cluster.candidates()
         ]
-        route = plan([local, *remotes], int(head.payload.nbytes))
+        if self.config.always_offload and remotes:
+            route = [*sorted(remotes, key=lambda c: c.expected_ms(head.payload.nbytes)), local]
+        else:
+            route = plan([local, *remotes], int(head.payload.nbytes))
         for target in route[:-1]:
             exchange = await self.cluster.request(
                 target,
