@@ -46,6 +46,8 @@ MAX_RECORD_BYTES = 1 << 20
 MAX_HEADER_BYTES = 1 << 16
 _RECORD_HEAD = struct.Struct("<II")  # payload length, crc32 of payload
 _SNAPSHOT_HEAD = struct.Struct("<I")  # header length
+# Ids and sequence numbers stay below this so the next one still fits msgpack's int64.
+_MAX_COUNTER = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,11 @@ class CacheStore:
                 feature=features[i].copy(),
             )
             entries[entry.entry_id] = entry
-        return entries, int(header["next_id"]), int(header["seq"])
+        next_id, seq = int(header["next_id"]), int(header["seq"])
+        if not (0 < next_id < _MAX_COUNTER and 0 <= seq < _MAX_COUNTER):
+            # The header is not checksummed; msgpack cannot write the next id or seq.
+            raise ValueError(f"snapshot next_id {next_id} or seq {seq} out of range")
+        return entries, next_id, seq
 
     def _replay_log(
         self, entries: dict[int, StoredEntry], seq: int, next_id: int
@@ -212,6 +218,10 @@ class CacheStore:
             try:
                 record = _unpack(payload, 16)
                 record_seq = int(record["seq"])
+                if not (
+                    0 <= record_seq < _MAX_COUNTER and 0 <= int(record.get("id", 0)) < _MAX_COUNTER
+                ):
+                    raise ValueError("record seq or id out of range")
                 if record_seq > seq:
                     self._apply(entries, record)
                     applied += 1

@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import math
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,7 +281,8 @@ def load_bundle(folder: Path) -> Bundle:
             with np.load(file, allow_pickle=False) as arrays:
                 state = {key: arrays[key] for key in arrays.files if key != "method"}
                 method = str(arrays["method"])
-        except (OSError, ValueError, KeyError) as exc:
+        # BadZipFile, EOFError, zlib.error: a damaged .npz whose hash was updated with it.
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             raise ModelError(f"{file}: unreadable projection ({exc})") from exc
         projections[variant.name] = TransferProjection.from_state(variant.split, method, state)
     return Bundle(
