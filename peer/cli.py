@@ -652,6 +652,19 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_bench.add_arguments(bcl)
     bcl.set_defaults(func=cluster_bench.run)
 
+    from ccied.bench import fuzz as bench_fuzz
+
+    bf = benches.add_parser(
+        "fuzz",
+        help="fuzz every decoder (wire, codec, bundle, cache files); counts executions, crashes",
+        description=(
+            "Mutation fuzzing of each decoder from valid inputs: any exception other than the "
+            "decoder's documented error is a crash. Reports executions, rate and crashes."
+        ),
+    )
+    bench_fuzz.add_arguments(bf)
+    bf.set_defaults(func=bench_fuzz.run)
+
     d = sub.add_parser(
         "demo",
         help="run a cloud and two cameras on loopback and stream the bundled clips through",

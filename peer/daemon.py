@@ -665,7 +665,9 @@ class PeerDaemon:
         worker = self.worker
         names = list(self.config.variants or worker.variants)
         allowed = [self.bundle.variant(name) for name in names]
-        head_ms = {name: worker.head_ms(name) for name in names}
+        # With a cache the head always runs to the cache split too: count it.
+        with_cache = self.cache is not None
+        head_ms = {name: worker.reach_ms(name, with_cache) for name in names}
         payload = {name: worker.payload_bytes(name) for name in names}
         best: tuple[float, str] | None = None
         for candidate in self.cluster.candidates():

@@ -169,6 +169,11 @@ class ModelWorker:
         """This device's time from frame to the variant's split (0 for a JPEG)."""
         return sum(self.stage_ms[: self.variants[variant].index + 1])
 
+    def reach_ms(self, variant: str, with_cache: bool) -> float:
+        """This device's head time for ``variant`` when the cache key is computed too."""
+        reach = max(self.variants[variant].index, self.cache_point.index if with_cache else -1)
+        return sum(self.stage_ms[: reach + 1])
+
     def tail_share(self, variant: str) -> float:
         """Share of the model's time after the variant's split (for a target's estimate)."""
         total = sum(self.stage_ms) or 1.0
