@@ -8,7 +8,7 @@ bandwidth plus the RTT (``--link-mbps``, ``--link-rtt-ms``), because kernel
 netem is not available here. The cloud runs at this machine's speed.
 
 Streams: camera 1 and camera 2 watch the same scenes (the bundled clips), cam2
-a few frames behind; with three cameras the third watches another clip. Every
+a few frames ahead; with three cameras the third watches another clip. Every
 strategy sees the same frames in the same order, and each answer is compared
 with the full float32 model on that frame (fidelity).
 
@@ -63,7 +63,7 @@ QUICK_BANDWIDTHS = (1.0, 10.0, 100.0)
 DEFAULT_SLOWDOWNS = (1.0, 4.0, 10.0)  # this machine, phone-class, Pi-class
 QUICK_SLOWDOWNS = (10.0,)
 DEFAULT_RTT_MS = 20.0
-CAMERA_OFFSET = 2  # frames cam2 lags cam1 on the same scene
+CAMERA_OFFSET = 2  # frames cam2 is ahead of cam1 on the same scene
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class Stream:
 
 
 def make_streams(cameras: int, every: int, per_clip: int) -> list[Stream]:
-    """Cameras 1 and 2 on the same scenes (cam2 behind), camera 3 on another clip."""
+    """Cameras 1 and 2 on the same scenes (cam2 ahead), camera 3 on another clip."""
     shared: list[tuple[str, np.ndarray]] = []
     for clip in ("bikes.mp4", "carphone_pristine.mp4"):
         frames = list(iter_frames(find_clip(clip), every=every, limit=per_clip + CAMERA_OFFSET))
