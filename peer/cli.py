@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -420,6 +421,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0 if args.action == "clear" or outcome["forgotten"] else 1
 
 
+# `ccied bench NAME`: (name, module in ccied.bench, one-line summary). Each module
+# has add_arguments(parser) and run(args) -> exit code.
+BENCHMARKS = (
+    ("cache", "cache", "semantic cache: hit rate, fidelity, false hits, lookup latency"),
+    ("transfer", "transfer", "transfer layer: bytes on the wire vs agreement per variant"),
+    ("cluster", "cluster_bench", "ccied against edge-only, cloud-only, split, split+quant"),
+    ("fuzz", "fuzz", "fuzz every decoder (wire, codec, bundle, cache files)"),
+)
+
 # A calibration with fewer hits than this says nothing about its threshold.
 MIN_CALIBRATION_HITS = 20
 
@@ -610,60 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks on real frames; each prints a table and can write JSON and plots.",
     )
     benches = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    from ccied.bench import cache as bench_cache
-
-    bc = benches.add_parser(
-        "cache",
-        help="semantic cache: hit rate, fidelity, false hits, lookup latency",
-        description=(
-            "Calibrate the cache threshold on the first half of each real clip and evaluate on "
-            "the rest (stream order), and on perturbed Fashion-MNIST with labels; lookup "
-            "latency at 1k/10k/100k entries; LRU vs LFU."
-        ),
-    )
-    bench_cache.add_arguments(bc)
-    bc.set_defaults(func=bench_cache.run)
-
-    from ccied.bench import transfer as bench_transfer
-
-    bt = benches.add_parser(
-        "transfer",
-        help="transfer layer: bytes on the wire vs agreement per split, channels and bits",
-        description=(
-            "For each split x keep ratio x bits: codec bytes per frame, ratios to float32 and "
-            "to a JPEG q90 of the input, top-1 agreement with the unpruned model on held-out "
-            "clip frames, head/tail/encode/decode ms; Fashion-MNIST accuracy before and after."
-        ),
-    )
-    bench_transfer.add_arguments(bt)
-    bt.set_defaults(func=bench_transfer.run)
-
-    from ccied.bench import cluster_bench
-
-    bcl = benches.add_parser(
-        "cluster",
-        help="ccied against edge-only, cloud-only, split and split+quantization baselines",
-        description=(
-            "A cloud and camera peers as real processes on loopback; devices and links "
-            "emulated (compute slowdown, sender-side bandwidth and RTT). Every strategy on "
-            "the same frames in one run: mean/p95 latency, hit rate, fidelity, bytes/frame."
-        ),
-    )
-    cluster_bench.add_arguments(bcl)
-    bcl.set_defaults(func=cluster_bench.run)
-
-    from ccied.bench import fuzz as bench_fuzz
-
-    bf = benches.add_parser(
-        "fuzz",
-        help="fuzz every decoder (wire, codec, bundle, cache files); counts executions, crashes",
-        description=(
-            "Mutation fuzzing of each decoder from valid inputs: any exception other than the "
-            "decoder's documented error is a crash. Reports executions, rate and crashes."
-        ),
-    )
-    bench_fuzz.add_arguments(bf)
-    bf.set_defaults(func=bench_fuzz.run)
+    for name, module_name, summary in BENCHMARKS:
+        module = importlib.import_module(f"ccied.bench.{module_name}")
+        bench_parser = benches.add_parser(
+            name, help=summary, description=(module.__doc__ or summary).split("\n\n")[0]
+        )
+        module.add_arguments(bench_parser)
+        bench_parser.set_defaults(func=module.run)
 
     d = sub.add_parser(
         "demo",
