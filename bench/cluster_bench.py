@@ -108,6 +108,7 @@ def run_strategy(
     bandwidth_mbps: float,
     slowdown: float,
     rtt_ms: float,
+    model: str | None = None,
 ) -> dict[str, list[FrameResult]]:
     """Start the cameras for one strategy, stream concurrently, stop them; results per camera."""
     addresses = [f"tcp://127.0.0.1:{free_tcp_port()}" for _ in streams]
@@ -119,6 +120,7 @@ def run_strategy(
             "--link-mbps", str(bandwidth_mbps),
             "--link-rtt-ms", str(rtt_ms),
             "--max-pending", "64",
+            *(("--model", model) if model else ()),
         ]  # fmt: skip
         if strategy in CLOUD_STRATEGIES:
             args += ["--cloud", cloud_address]
@@ -205,6 +207,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--strategies", nargs="+", choices=sorted(STRATEGIES), help="default: all six"
     )
+    parser.add_argument(
+        "--model", help="a bundle folder (`ccied prepare`) for every peer; default: built-in"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--plot", type=Path, default=Path("cluster_latency.png"))
     parser.add_argument("--markdown", type=Path, help="write the table here as Markdown")
@@ -232,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
             "cloud",
             cloud_address,
             folder / "cloud.sock",
-            extra_args=["--no-cache"],
+            extra_args=["--no-cache", *(("--model", args.model) if args.model else ())],
             log_path=Path(tmp) / "cloud.log",
         )
         cloud.start()
@@ -244,7 +249,14 @@ def run(args: argparse.Namespace) -> int:
                 steps, desc="cluster", disable=args.no_progress
             ):
                 results = run_strategy(
-                    strategy, streams, cloud_address, folder, bandwidth, slowdown, args.rtt_ms
+                    strategy,
+                    streams,
+                    cloud_address,
+                    folder,
+                    bandwidth,
+                    slowdown,
+                    args.rtt_ms,
+                    args.model,
                 )
                 by_setting.setdefault((bandwidth, slowdown), {})[strategy] = summarise(
                     results, labels

@@ -34,6 +34,7 @@ from ccied.peer.daemon import (
 )
 from ccied.peer.errors import PeerError, RequestFailedError
 from ccied.pruning import DEFAULT_MODEL, PruningError, iter_frames
+from ccied.pruning.bundle import DEFAULT_CACHE_SPLIT
 from ccied.pruning.planner import DEFAULT_FIDELITY_FLOOR
 
 log = logging.getLogger("ccied")
@@ -485,6 +486,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         keep_ratio=args.keep_ratio,
         bits=None if args.bits == 32 else args.bits,
         every=args.every,
+        cache_split=args.cache_split,
     )
     report = prepare_bundle(
         config, args.out, calibrate_cache, feature_from_tensor, progress=not args.no_progress
@@ -608,6 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bits", type=int, choices=[2, 4, 6, 8, 32], default=6, help="codec bits (32: raw)"
     )
     pr.add_argument("--every", type=int, default=3, help="use every N-th clip frame")
+    pr.add_argument(
+        "--cache-split",
+        default=DEFAULT_CACHE_SPLIT,
+        help=f"the split whose tensor keys the cache (default {DEFAULT_CACHE_SPLIT}; an earlier "
+        "one makes the head before a lookup cheaper on slow devices)",
+    )
     pr.add_argument("--cache-fidelity", type=float, default=0.99, help="cache target")
     pr.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
     pr.add_argument("--no-progress", action="store_true")
