@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import tokenize
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -281,8 +282,20 @@ def load_bundle(folder: Path) -> Bundle:
             with np.load(file, allow_pickle=False) as arrays:
                 state = {key: arrays[key] for key in arrays.files if key != "method"}
                 method = str(arrays["method"])
-        # BadZipFile, EOFError, zlib.error: a damaged .npz whose hash was updated with it.
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        # BadZipFile, EOFError, zlib.error: a damaged .npz whose hash was updated with it;
+        # SyntaxError, TokenError: numpy parses each .npy header as a Python literal;
+        # MemoryError: a header that claims an array too large to hold.
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            EOFError,
+            SyntaxError,
+            MemoryError,
+            tokenize.TokenError,
+            zipfile.BadZipFile,
+            zlib.error,
+        ) as exc:
             raise ModelError(f"{file}: unreadable projection ({exc})") from exc
         projections[variant.name] = TransferProjection.from_state(variant.split, method, state)
     return Bundle(

@@ -8,10 +8,12 @@ checksums, hashes and lengths. Only the documented error may escape.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import random
 import struct
 import tracemalloc
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,6 +181,31 @@ def test_a_damaged_projection_with_a_matching_hash_is_a_model_error(
 ) -> None:
     seed = bundle_target.seeds[0]
     npz = b"PK\x03\x04" + seed.npz[4:100]  # a zip cut short; the manifest vouches for it
+    manifest = fuzz._reseal(json.loads(seed.manifest), seed.npz_name, npz, random.Random(1))
+    (tmp_path / bundle.MANIFEST_NAME).write_text(json.dumps(manifest))
+    (tmp_path / seed.npz_name).write_bytes(npz)
+    with pytest.raises(ModelError, match=r"unreadable projection|altered"):
+        bundle.load_bundle(tmp_path)
+
+
+def _npz_with_a_broken_header() -> bytes:
+    """An .npz whose 'mean' member has an .npy header numpy cannot tokenize."""
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (3,"
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    member = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(12)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("mean.npy", member)
+    return buffer.getvalue()
+
+
+def test_a_projection_with_an_untokenizable_npy_header_is_a_model_error(
+    bundle_target: fuzz.Target, tmp_path: Path
+) -> None:
+    # Found by `ccied bench fuzz --target bundle` after 1.3 million executions:
+    # numpy's header parser raised tokenize.TokenError out of load_bundle.
+    seed = bundle_target.seeds[0]
+    npz = _npz_with_a_broken_header()
     manifest = fuzz._reseal(json.loads(seed.manifest), seed.npz_name, npz, random.Random(1))
     (tmp_path / bundle.MANIFEST_NAME).write_text(json.dumps(manifest))
     (tmp_path / seed.npz_name).write_bytes(npz)
