@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from ccied.bench.cluster import PeerProcess, free_tcp_port
+from ccied.bench.cluster import PeerProcess, free_tcp_port, running
 from ccied.peer.client import Client
 from ccied.peer.wire import ErrorReply, InferResult, Submit, decode, encode
 
@@ -81,12 +81,8 @@ def test_a_stream_survives_the_cloud_dying_midway_every_frame_answered_once(
         workdir / "cam9.sock",
         extra_args=["--cloud", address, "--no-cache", "--slowdown", "4", "--remote-timeout-s", "1"],
     )
-    cloud.start()
-    edge.start()
-    try:
-        cloud.wait_ready()
-        edge.wait_ready()
-        edge.wait_connected()
+    # running() starts both, waits until ready and connected, and stops both.
+    with running([cloud, edge]):
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(f"ipc://{edge.socket_path}")
@@ -116,9 +112,6 @@ def test_a_stream_survives_the_cloud_dying_midway_every_frame_answered_once(
         assert set(replies) == {f"f{i}" for i in range(len(frames))}, "a frame was lost"
         assert max(replies.values()) == 1, "a frame was answered twice"
         assert "cloud" in sources[:6] and sources[-1] == "local", sources
-    finally:
-        edge.stop()
-        cloud.stop()
 
 
 def test_an_entry_learned_at_one_peer_answers_at_another_and_a_late_peer_starts_warm(

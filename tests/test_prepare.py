@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ccied.bench.cluster import PeerProcess, free_tcp_port
+from ccied.bench.cluster import PeerProcess, free_tcp_port, running
 from ccied.peer.client import Client
 from ccied.pruning.bundle import load_bundle
 
@@ -88,15 +88,7 @@ def test_a_peer_with_another_bundle_is_never_used(
         workdir / "ocam.sock",
         extra_args=["--model", str(prepared), "--cloud", address, "--slowdown", "8"],
     )
-    cloud.start()
-    edge.start()
-    try:
-        cloud.wait_ready()
-        edge.wait_ready()
-        edge.wait_connected()  # alive, but with another bundle
-        with Client(edge.socket_path) as client:
-            result = client.submit(cat_pixels, "cat")
-            assert result.source == "local" and result.bytes_sent == 0
-    finally:
-        edge.stop()
-        cloud.stop()
+    # running() waits until the cloud is a live neighbour: alive, but with another bundle.
+    with running([cloud, edge]), Client(edge.socket_path) as client:
+        result = client.submit(cat_pixels, "cat")
+        assert result.source == "local" and result.bytes_sent == 0
