@@ -24,6 +24,8 @@ from ccied.peer.errors import PeerUnavailableError
 
 DEFAULT_READY_TIMEOUT_S = 120.0
 DEFAULT_STOP_TIMEOUT_S = 10.0
+# A neighbour heard from within this many seconds (heartbeats every 0.5 s).
+HEALTHY_SEEN_S = 1.0
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -115,7 +117,15 @@ class PeerProcess:
         deadline = time.monotonic() + timeout_s
         while True:
             live = self.neighbours()
-            if expected <= {n["address"] for n in live} and len(live) >= count:
+            # A neighbour that just died stays "live" until its silence evicts
+            # it; only one that answered its last heartbeat recently, with no
+            # failure since, is one routing will use.
+            healthy = {
+                n["address"]
+                for n in live
+                if n["consecutive_failures"] == 0 and n["last_seen_s"] <= HEALTHY_SEEN_S
+            }
+            if expected <= healthy and len(live) >= count:
                 return live
             if time.monotonic() > deadline:
                 raise PeerUnavailableError(
@@ -125,7 +135,7 @@ class PeerProcess:
             time.sleep(0.05)
 
     def wait_connected(self, timeout_s: float = 30.0) -> None:
-        """Block until every static target of this peer is a live neighbour."""
+        """Block until every static target of this peer is a healthy live neighbour."""
         self.wait_neighbours(timeout_s=timeout_s)
 
     def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
