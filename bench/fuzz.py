@@ -921,17 +921,26 @@ def safe_mutate(mutate: Callable[[random.Random, Any], Any], rng: random.Random,
         return value
 
 
-def run_mutate(target: Target, seconds: float, seed: int) -> TargetResult:
-    """The plain engine: seeds, then mutants of seeds and of recent interesting mutants."""
+def run_mutate(
+    target: Target, seconds: float | None, seed: int, executions: int | None = None
+) -> TargetResult:
+    """The plain engine: seeds, then mutants of seeds stacked a few generations deep.
+
+    Stops after ``seconds`` or ``executions`` (seeds included), whichever comes first;
+    one of them must be given.
+    """
+    if seconds is None and executions is None:
+        raise ValueError("give seconds, executions or both")
     rng = random.Random(seed)
     runner = Runner(target)
     for value in target.seeds:
         runner.one(value)
     corpus = list(target.seeds)
     start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(64):
+    deadline = math.inf if seconds is None else start + seconds
+    budget = math.inf if executions is None else executions
+    while runner.executions < budget:
+        for _ in range(int(min(64, budget - runner.executions))):
             value = rng.choice(corpus)
             # A few generations deep: stack mutations on mutants now and then.
             for _ in range(rng.choice((1, 1, 1, 2, 3))):
@@ -1031,8 +1040,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seconds",
         type=float,
-        default=DEFAULT_SECONDS,
-        help=f"seconds per target (default {DEFAULT_SECONDS:g})",
+        help=f"seconds per target (default {DEFAULT_SECONDS:g} unless --executions is given)",
+    )
+    parser.add_argument(
+        "--executions",
+        type=int,
+        help="stop a target after this many executions (with --seconds: whichever comes first)",
     )
     parser.add_argument(
         "--engine",
@@ -1047,6 +1060,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Fuzz each chosen target; print executions and crashes; 1 if anything crashed."""
     names = args.target or list(TARGETS)
+    seconds = args.seconds
+    if seconds is None and args.executions is None:
+        seconds = DEFAULT_SECONDS
     if args.engine == "atheris" and importlib.util.find_spec("atheris") is None:
         print(
             "atheris is not installed (pip install atheris); use --engine mutate", file=sys.stderr
@@ -1055,12 +1071,12 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for name in names:
         if args.engine == "atheris":
-            result = run_atheris(name, args.seconds)
+            result = run_atheris(name, seconds or DEFAULT_SECONDS)
         else:
             with tempfile.TemporaryDirectory(prefix="ccied-fuzz-") as tmp:
                 target = make_target(name, Path(tmp))
                 try:
-                    result = run_mutate(target, args.seconds, args.seed)
+                    result = run_mutate(target, seconds, args.seed, args.executions)
                 finally:
                     target.close()
         results.append(result)
