@@ -21,8 +21,11 @@ checks). A *crash* is any other exception, or a broken invariant; each distinct 
 is reported with the input that caused it.
 
 The engine is a plain seeded mutation loop (``--engine mutate``, always available).
-``--engine atheris`` runs the same mutators under atheris/libFuzzer's coverage
-feedback when atheris is installed (``pip install atheris``; not a dependency).
+``--engine atheris`` runs the same mutators, plus libFuzzer's byte mutations, as
+libFuzzer's custom mutator, with coverage of ccied's own modules (instrumented at
+import) deciding which inputs libFuzzer keeps; it needs atheris (the ``fuzz`` extra,
+``pip install -e '.[fuzz]'``; not a dependency). ``--executions N`` stops each target
+after N executions, ``--seconds S`` after S seconds, whichever comes first.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import copy
 import functools
 import hashlib
 import importlib
+import importlib.util
 import io
 import json
 import logging
@@ -878,6 +882,8 @@ class TargetResult:
     executions_per_s: float
     crashes: int
     distinct_crashes: list[dict[str, str]] = field(default_factory=list)
+    # atheris: libFuzzer's last status line (coverage, features, corpus size).
+    engine_notes: str = ""
 
 
 def _crash_signature(exc: BaseException) -> str:
@@ -960,12 +966,117 @@ def run_mutate(
     )
 
 
-def _atheris_child(name: str, seconds: float, stats_path: Path) -> None:
-    """Runs in a subprocess: libFuzzer drives the mutators through one input seed per run."""
+# -- the atheris engine ----------------------------------------------------------------
+#
+# libFuzzer keeps an input in its corpus when it reaches new coverage, so the code
+# under test must be instrumented (the decoders are imported under
+# atheris.instrument_imports) and an input must be a stable byte string: every
+# target's input is serialized as a msgpack list of its parts (frames; a payload;
+# manifest, projection name and projection; snapshot and log). The custom mutator
+# unpacks that list and applies either the structure-aware mutator of the target or
+# libFuzzer's own byte mutations (with its comparison-guided dictionary) to one part.
+# Bytes that are no such list are taken as the target's main part, raw.
+
+
+def _to_parts(name: str, value: Any) -> list[Any]:
+    if name == "wire":
+        return list(value)
+    if name == "codec":
+        return [value]
+    if name == "bundle":
+        return [value.manifest, value.npz_name, value.npz]
+    return [value.snapshot, value.log]
+
+
+def _from_parts(target: Target, parts: Any) -> Any:
+    """The input a list of parts stands for, or None when it stands for none."""
+    if not isinstance(parts, list):
+        return None
+    if target.name == "wire":
+        if parts and all(isinstance(p, bytes) for p in parts):
+            return parts
+    elif target.name == "codec":
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+    elif target.name == "bundle":
+        manifest, npz_name, npz = [*parts, None, None, None][:3]
+        if isinstance(manifest, bytes) and isinstance(npz_name, str) and isinstance(npz, bytes):
+            return BundleInput(manifest, npz_name, npz)
+    elif len(parts) == 2 and all(p is None or isinstance(p, bytes) for p in parts):
+        return CacheInput(parts[0], parts[1])
+    return None
+
+
+def atheris_input(target: Target, data: bytes) -> Any:
+    """The target input a libFuzzer byte string stands for (every byte string is one)."""
+    try:
+        value = _from_parts(target, msgpack.unpackb(data, raw=False))
+    except Exception:  # not a list of parts: the bytes are the main part, raw
+        value = None
+    if value is not None:
+        return value
+    if target.name == "wire":
+        return [data]
+    if target.name == "codec":
+        return data
+    if target.name == "bundle":
+        seed = target.seeds[0]
+        return BundleInput(data, seed.npz_name, seed.npz)
+    return CacheInput(None, data)
+
+
+def atheris_bytes(target: Target, value: Any) -> bytes:
+    """The byte string libFuzzer keeps for an input (inverse of :func:`atheris_input`)."""
+    packed = msgpack.packb(_to_parts(target.name, value), use_bin_type=True)
+    assert isinstance(packed, bytes)
+    return packed
+
+
+def atheris_mutator(
+    target: Target, byte_mutate: Callable[[bytes, int], bytes]
+) -> Callable[[bytes, int, int], bytes]:
+    """libFuzzer's custom mutator: structure-aware edits, or its byte edits of one part."""
+
+    def mutate(data: bytes, max_size: int, seed: int) -> bytes:
+        rng = random.Random(seed)
+        value = atheris_input(target, data)
+        parts = _to_parts(target.name, value)
+        editable = [i for i, p in enumerate(parts) if isinstance(p, bytes)]
+        if editable and rng.random() < 0.3:
+            i = rng.choice(editable)
+            part = parts[i]
+            parts[i] = byte_mutate(part, min(max_size, max(2 * len(part), len(part) + 64)))
+            mutated = _from_parts(target, parts)
+            value = mutated if mutated is not None else value
+        else:
+            value = safe_mutate(target.mutate, rng, value)
+        out = atheris_bytes(target, value)
+        if len(out) > max_size:  # too big for libFuzzer: a byte edit of the input instead
+            return byte_mutate(data, max_size)
+        return out
+
+    return mutate
+
+
+def _atheris_child(
+    name: str, seconds: float, executions: int, seed: int, stats_path: Path, corpus: Path
+) -> None:
+    """Runs in a subprocess: libFuzzer drives the target until the time or run budget.
+
+    libFuzzer leaves with C ``exit()`` (no ``finally``, no ``atexit``), so the child
+    writes its figures every second and ends itself with ``os._exit`` once a budget
+    is spent, after writing them.
+    """
     atheris = importlib.import_module("atheris")
     with tempfile.TemporaryDirectory(prefix="ccied-fuzz-") as tmp:
-        target = make_target(name, Path(tmp))
+        # Coverage of ccied's own code (decoders, store, bundle loader) steers libFuzzer.
+        with atheris.instrument_imports(include=["ccied"]):
+            target = make_target(name, Path(tmp))
         runner = Runner(target)
+        seeds = [atheris_bytes(target, value) for value in target.seeds]
+        for i, data in enumerate(seeds):
+            (corpus / f"seed-{i:03d}").write_bytes(data)
+        max_len = max(1 << 16, 2 * max(len(data) for data in seeds))
         start = time.perf_counter()
         last_write = [start]
 
@@ -983,50 +1094,72 @@ def _atheris_child(name: str, seconds: float, stats_path: Path) -> None:
             stats_path.write_text(json.dumps(asdict(result)))
 
         def test_one_input(data: bytes) -> None:
-            # The bytes pick a seed and drive the structure-aware mutators, so
-            # libFuzzer's coverage feedback steers choices, not raw formats.
-            provider = atheris.FuzzedDataProvider(data)
-            parent = target.seeds[provider.ConsumeIntInRange(0, len(target.seeds) - 1)]
-            rng = random.Random(provider.ConsumeBytes(provider.remaining_bytes()))
-            value = parent
-            for _ in range(1 + len(data) % 3):
-                value = safe_mutate(target.mutate, rng, value)
-            runner.one(value)
+            runner.one(atheris_input(target, data))
             now = time.perf_counter()
+            if runner.executions >= executions or now - start >= seconds:
+                write_stats()
+                os._exit(0)
             if now - last_write[0] > 1.0:
                 last_write[0] = now
                 write_stats()
 
+        options = [f"-max_len={max_len}", f"-seed={seed}", "-rss_limit_mb=4096"]
+        if math.isfinite(seconds):  # a backstop only: the callback ends the run on time
+            options.append(f"-max_total_time={math.ceil(seconds) + 60}")
         atheris.Setup(
-            [sys.argv[0], f"-max_total_time={int(seconds)}", "-rss_limit_mb=4096"],
+            [sys.argv[0], *options, str(corpus)],
             test_one_input,
+            # Looked up per call: Fuzz() replaces the stub Mutate that raises before it.
+            custom_mutator=atheris_mutator(target, lambda data, size: atheris.Mutate(data, size)),
         )
-        try:
-            atheris.Fuzz()
-        finally:
-            write_stats()
+        atheris.Fuzz()
 
 
-def run_atheris(name: str, seconds: float) -> TargetResult:
+def _last_status(log: str) -> str:
+    """libFuzzer's last status line (``#N NEW cov: ... ft: ... corp: ...``)."""
+    lines = [line for line in log.splitlines() if line.startswith("#") and "cov:" in line]
+    return lines[-1] if lines else ""
+
+
+def run_atheris(
+    name: str, seconds: float | None, executions: int | None, seed: int
+) -> TargetResult:
     """Run one target under atheris in a subprocess (libFuzzer owns its process)."""
+    if seconds is None and executions is None:
+        raise ValueError("give seconds, executions or both")
+    limit = math.inf if seconds is None else seconds
     with tempfile.TemporaryDirectory(prefix="ccied-fuzz-") as tmp:
         stats = Path(tmp) / "stats.json"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ccied.bench.fuzz",
-                "--atheris-child",
-                name,
-                str(seconds),
-                str(stats),
-            ],
-            check=False,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=seconds + 120,
-        )
-        return TargetResult(**json.loads(stats.read_text()))
+        corpus = Path(tmp) / "corpus"
+        corpus.mkdir()
+        log_path = Path(tmp) / "libfuzzer.log"
+        with log_path.open("wb") as log:
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "ccied.bench.fuzz",
+                    "--atheris-child",
+                    name,
+                    str(limit),
+                    str(executions or sys.maxsize),
+                    str(seed),
+                    str(stats),
+                    str(corpus),
+                ],
+                check=False,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                timeout=None if seconds is None else seconds + 300,
+            )
+        text = log_path.read_text(errors="replace")
+        if not stats.exists():
+            tail = "\n".join(text.splitlines()[-20:])
+            raise RuntimeError(f"the atheris run of {name} wrote no figures; its log ends:\n{tail}")
+        result = TargetResult(**json.loads(stats.read_text()))
+        result.engine_notes = _last_status(text)
+        return result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1065,13 +1198,14 @@ def run(args: argparse.Namespace) -> int:
         seconds = DEFAULT_SECONDS
     if args.engine == "atheris" and importlib.util.find_spec("atheris") is None:
         print(
-            "atheris is not installed (pip install atheris); use --engine mutate", file=sys.stderr
+            "atheris is not installed (pip install -e '.[fuzz]'); use --engine mutate",
+            file=sys.stderr,
         )
         return 2
     results = []
     for name in names:
         if args.engine == "atheris":
-            result = run_atheris(name, seconds or DEFAULT_SECONDS)
+            result = run_atheris(name, seconds, args.executions, args.seed)
         else:
             with tempfile.TemporaryDirectory(prefix="ccied-fuzz-") as tmp:
                 target = make_target(name, Path(tmp))
@@ -1094,8 +1228,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--atheris-child":
-        _atheris_child(sys.argv[2], float(sys.argv[3]), Path(sys.argv[4]))
+    if len(sys.argv) == 8 and sys.argv[1] == "--atheris-child":
+        _atheris_child(
+            sys.argv[2],
+            float(sys.argv[3]),
+            int(sys.argv[4]),
+            int(sys.argv[5]),
+            Path(sys.argv[6]),
+            Path(sys.argv[7]),
+        )
         sys.exit(0)
     main_parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     add_arguments(main_parser)
