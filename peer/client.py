@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,15 @@ class Client:
         socket_path: Path | str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         codec: WireCodec | None = None,
+        on_stray_reply: Callable[[Message], None] | None = None,
     ) -> None:
+        """``on_stray_reply`` sees every reply that does not answer the request in
+        progress (a late answer to a request given up on, or a second answer to
+        one), which are otherwise dropped: a caller that counts answers per
+        request id needs them (``ccied bench chaos``)."""
         self.socket_path = Path(socket_path) if socket_path else find_socket()
         self.timeout_s = timeout_s
+        self.on_stray_reply = on_stray_reply
         self._codec = codec or MsgpackCodec()
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
@@ -122,21 +129,33 @@ class Client:
             except ProtocolError as exc:
                 raise PeerUnavailableError(f"undecodable reply from the peer: {exc}") from exc
             if reply.request_id != request.request_id:
-                continue  # the late answer to an earlier request that timed out
+                # The late answer to an earlier request that timed out.
+                if self.on_stray_reply is not None:
+                    self.on_stray_reply(reply)
+                continue
             if isinstance(reply, ErrorReply):
                 raise RequestFailedError(str(reply.code), reply.message)
             return reply
 
     def submit(
-        self, pixels: np.ndarray, frame_name: str = "", need: str = "latency"
+        self,
+        pixels: np.ndarray,
+        frame_name: str = "",
+        need: str = "latency",
+        request_id: str | None = None,
     ) -> FrameResult:
         """Classify one RGB uint8 frame of shape (height, width, 3).
 
         ``need``: "latency" (the fastest variant above the fidelity floor) or
         "accuracy" (the most faithful variant of the peer's bundle).
+        ``request_id``: a fresh one by default; a caller that resubmits a frame
+        after a timeout passes the same id, so answers can be matched to frames.
         """
         request = Submit(
-            request_id=uuid.uuid4().hex, frame_name=frame_name, pixels=pixels, need=need
+            request_id=request_id or uuid.uuid4().hex,
+            frame_name=frame_name,
+            pixels=pixels,
+            need=need,
         )
         start = time.perf_counter()
         reply = self._exchange(request)
