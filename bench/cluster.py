@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from ccied.peer.client import Client
 from ccied.peer.errors import PeerUnavailableError
+from ccied.peer.keys import KeyStore, split_keyed_address
 
 DEFAULT_READY_TIMEOUT_S = 120.0
 DEFAULT_STOP_TIMEOUT_S = 10.0
@@ -34,6 +35,34 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
         probe.bind((host, 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+class LocalKeys:
+    """Keys for a cluster on one machine: each peer its own identity, all trusting
+    each other (what an operator does by hand with ``ccied keys trust``).
+
+    Peers get ``ROOT/NAME`` as their state folder; a peer added later is
+    trusted by the ones already running, as peers re-read their allow-list.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def state_dir(self, name: str) -> Path:
+        store = KeyStore(self.root / name)
+        if not store.exists():
+            keypair = store.generate(name)
+            for folder in sorted(self.root.iterdir()):
+                other = KeyStore(folder)
+                if folder.name != name and other.exists():
+                    other.trust(keypair.public, name)
+                    store.trust(other.load().public, folder.name)
+        return store.state_dir
+
+
+def local_keys(folder: Path) -> LocalKeys:
+    """The shared key set of every peer whose socket lives in ``folder``."""
+    return LocalKeys(folder / "ccied-keys")
 
 
 @dataclass
@@ -52,6 +81,10 @@ class PeerProcess:
     interface: str = "127.0.0.1"
     # Run the peer through this command, e.g. ["ip", "netns", "exec", "h1"].
     prefix: Sequence[str] = ()
+    # Keys and allow-list (None: its own key, trusted by every peer whose
+    # socket is in the same folder; see local_keys). Ignored when insecure.
+    state_dir: Path | None = None
+    insecure: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _log: IO[bytes] | None = field(default=None, init=False)
 
@@ -70,7 +103,15 @@ class PeerProcess:
             cmd.append("--no-discovery")
         if self.threads:
             cmd += ["--threads", str(self.threads)]
+        if self.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--state-dir", str(self.keys().state_dir)]
         return [*cmd, *self.extra_args]
+
+    def keys(self) -> KeyStore:
+        """This peer's key store (made, and trusted by its local cluster, on first use)."""
+        return KeyStore(self.state_dir or local_keys(self.socket_path.parent).state_dir(self.name))
 
     def start(self) -> None:
         stderr: Any = subprocess.DEVNULL
@@ -101,7 +142,11 @@ class PeerProcess:
     def static_targets(self) -> list[str]:
         """The --cloud and --peer addresses this peer was started with."""
         args = list(self.extra_args)
-        return [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--cloud", "--peer")]
+        return [
+            split_keyed_address(args[i + 1])[0]
+            for i, a in enumerate(args[:-1])
+            if a in ("--cloud", "--peer")
+        ]
 
     def neighbours(self) -> list[dict[str, Any]]:
         with Client(self.socket_path, timeout_s=5.0) as client:

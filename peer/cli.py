@@ -27,12 +27,14 @@ from ccied.peer.daemon import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_PENDING,
     DEFAULT_REMOTE_TIMEOUT_S,
+    SHARED_FROM,
     PeerConfig,
     PeerDaemon,
     Role,
     default_socket_path,
 )
 from ccied.peer.errors import PeerError, RequestFailedError
+from ccied.peer.keys import KEY_CHARS, KeyStore, check_key, default_state_dir
 from ccied.pruning import DEFAULT_MODEL, PruningError, iter_frames
 from ccied.pruning.bundle import DEFAULT_CACHE_SPLIT
 from ccied.pruning.planner import DEFAULT_FIDELITY_FLOOR
@@ -68,6 +70,9 @@ CONFIG_KEYS = {
     "slowdown",
     "link_mbps",
     "link_rtt_ms",
+    "state_dir",
+    "insecure",
+    "accept_shared_from",
 }
 
 
@@ -127,13 +132,17 @@ def _add_peer_parser(sub: Any) -> None:
         help=f"least measured agreement a variant needs for latency-first frames "
         f"(default {DEFAULT_FIDELITY_FLOOR})",
     )
-    p.add_argument("--cloud", help="tcp://HOST:PORT of the cloud peer (edge role)")
+    p.add_argument(
+        "--cloud",
+        help="tcp://HOST:PORT of the cloud peer (edge role); KEY@tcp://... pins its key",
+    )
     p.add_argument(
         "--peer",
         action="append",
         default=None,
         metavar="ADDRESS",
-        help="tcp://HOST:PORT of a neighbour peer, tried before the cloud; repeatable",
+        help="tcp://HOST:PORT (or KEY@tcp://...) of a neighbour peer, tried before the cloud; "
+        "repeatable",
     )
     p.add_argument(
         "--no-discovery",
@@ -211,6 +220,29 @@ def _add_peer_parser(sub: Any) -> None:
     # Tests keep their mDNS apart from other peers on the machine.
     p.add_argument("--mdns-service-type", help=argparse.SUPPRESS)
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    k = p.add_argument_group(
+        "security",
+        "Peers talk CurveZMQ: encrypted, and only with peers whose public key is trusted "
+        "(`ccied keys trust`). The key is made on first start.",
+    )
+    k.add_argument(
+        "--state-dir",
+        type=Path,
+        help=f"keys and trusted peers (default {default_state_dir()})",
+    )
+    k.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="plain ZeroMQ, no keys: anyone who reaches the peer socket is served and can "
+        "poison the cache; only for a network you fully trust",
+    )
+    k.add_argument(
+        "--accept-shared-from",
+        choices=list(SHARED_FROM),
+        help="whose shared cache entries to take: any trusted peer (default), only the "
+        "--cloud peer, or none",
+    )
     p.set_defaults(func=cmd_peer)
 
 
@@ -292,6 +324,9 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         link_bandwidth_mbps=pick("link_mbps"),
         link_rtt_ms=float(pick("link_rtt_ms", default=0.0)),
         mdns_service_type=args.mdns_service_type,
+        state_dir=Path(pick("state_dir")).expanduser() if pick("state_dir") else None,
+        insecure=bool(pick("insecure", default=False)),
+        accept_shared_from=str(pick("accept_shared_from", default="trusted")),
         cache_rule_overrides={
             key: value
             for key, value in (
@@ -429,6 +464,7 @@ BENCHMARKS = (
     ("transfer", "transfer", "transfer layer: bytes on the wire vs agreement per variant"),
     ("cluster", "cluster_bench", "ccied against edge-only, cloud-only, split, split+quant"),
     ("fuzz", "fuzz", "fuzz every decoder (wire, codec, bundle, cache files)"),
+    ("chaos", "chaos", "SIGKILL peers and the cloud mid-stream: lost, answered twice, added p99"),
 )
 
 # A calibration with fewer hits than this says nothing about its threshold.
@@ -510,6 +546,63 @@ def cmd_splits(args: argparse.Namespace) -> int:
             f"{p.name:<10} {shape:<16} {p.float32_bytes:>10} {p.compute_fraction:>8.1%}  "
             f"{'yes' if p.stage_end else ''}"
         )
+    return 0
+
+
+def _add_keys_parser(sub: Any) -> None:
+    k = sub.add_parser(
+        "keys",
+        help="this peer's CURVE key and the peers it trusts",
+        description=(
+            "Peers only talk to peers whose public key they trust, both ways. On each "
+            "device: `ccied keys show` prints its key; on every other device that should "
+            "use it: `ccied keys trust KEY_OR_FILE --name NAME`."
+        ),
+    )
+    k.add_argument(
+        "--state-dir", type=Path, help=f"the peer's state folder (default {default_state_dir()})"
+    )
+    actions = k.add_subparsers(dest="keys_action", required=True, metavar="ACTION")
+    g = actions.add_parser("generate", help="create this peer's keypair")
+    g.add_argument("--name", default=os.uname().nodename, help="name written in the key file")
+    g.add_argument("--force", action="store_true", help="replace an existing key")
+    actions.add_parser("show", help="print this peer's public key and its file")
+    t = actions.add_parser("trust", help="trust a peer's public key (Z85 text or its .key file)")
+    t.add_argument("key", metavar="KEY_OR_FILE")
+    t.add_argument("--name", help="what to call it (default: the name in its file)")
+    u = actions.add_parser("untrust", help="stop trusting a key (by key or name)")
+    u.add_argument("key", metavar="KEY_OR_NAME")
+    actions.add_parser("list", help="the trusted keys")
+    k.set_defaults(func=cmd_keys)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    store = KeyStore(args.state_dir or default_state_dir())
+    action = args.keys_action
+    if action == "generate":
+        keypair = store.generate(args.name, force=args.force)
+        print(f"public key {keypair.public}\nwritten to {store.public_file}")
+    elif action == "show":
+        print(f"{store.load().public}\n{store.public_file}")
+    elif action == "trust":
+        text = args.key
+        path = Path(text).expanduser()
+        if len(text) == KEY_CHARS and not path.exists():
+            written = store.trust(check_key(text), args.name)
+            print(f"trusted {text} as {written.stem} ({written})")
+        else:
+            key, written = store.trust_file(path, args.name)
+            print(f"trusted {key} as {written.stem} ({written})")
+    elif action == "untrust":
+        removed = store.untrust(args.key)
+        if not removed:
+            print(f"ccied keys: no trusted key or name {args.key!r}", file=sys.stderr)
+            return 1
+        for path in removed:
+            print(f"removed {path}")
+    else:  # list
+        for name, key in sorted(store.trusted().items()):
+            print(f"{name:<24} {key}")
     return 0
 
 
@@ -635,6 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         module.add_arguments(bench_parser)
         bench_parser.set_defaults(func=module.run)
+
+    _add_keys_parser(sub)
 
     d = sub.add_parser(
         "demo",

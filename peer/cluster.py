@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq.asyncio
 from ccied.discovery import Announcement, DiscoveryError, NeighbourTable
+from ccied.peer.keys import Keypair, KeyStore
 from ccied.peer.logutil import WarnOnce
 from ccied.peer.routing import Candidate, TargetKind
 from ccied.peer.transport import EmulatedLink, Exchange, RemoteTarget
@@ -52,6 +53,7 @@ DEFAULT_SHARE_INTERVAL_S = 0.2
 DEFAULT_SHARE_RATE_PER_S = 500.0  # entries a second to all neighbours, at most
 SHARE_OUTBOX_ENTRIES = 4096
 MIN_TRANSFER_SAMPLE_S = 0.005
+HANDSHAKE_RETRY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class ClusterConfig:
     bundle_id: str
     listen_address: str  # where neighbours reach us ('' if we do not listen)
     static_addresses: tuple[str, ...] = ()  # --peer and --cloud
+    # Server keys given with a static address (KEY@tcp://...), by address.
+    static_keys: tuple[tuple[str, str], ...] = ()
     share_cache: bool = True
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
@@ -96,16 +100,28 @@ class Cluster:
         table: NeighbourTable,
         link: EmulatedLink,
         local_load: Callable[[], LocalLoad],
-        on_entries: Callable[[CacheShare, str], int],
+        on_entries: Callable[[CacheShare, str, str], int],
+        keys: KeyStore | None = None,
+        identity: Keypair | None = None,
     ) -> None:
+        """``keys`` and ``identity`` make every link CURVE-authenticated
+        (None: plain links, ``--insecure``)."""
+        if (keys is None) != (identity is None):
+            raise ValueError("a secure cluster needs both the key store and the identity")
         self.config = config
+        self.keys = keys
+        self.identity = identity
         self.table = table
         self.link = link
         self._context = context
         self._codec = codec
         self._local_load = local_load
         self._on_entries = on_entries
-        self.links: dict[str, RemoteTarget] = {}
+        # One link per (address, server key): while a static address's key is
+        # unknown, each trusted key is tried and the one that answers stays.
+        self.links: dict[tuple[str, str | None], RemoteTarget] = {}
+        self._verified: dict[str, str] = {}  # address -> the key a Pong proved
+        self._claimed: dict[str, str] = dict(config.static_keys)  # address -> said key
         self._names: dict[str, str] = {}  # address -> neighbour name, from Pongs
         self._full_ms: dict[str, float] = {}  # neighbour name -> reported whole-model ms
         self._pinging: set[str] = set()
@@ -140,14 +156,86 @@ class Cluster:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def link_to(self, address: str) -> RemoteTarget:
-        """The link to ``address``, made (and its reply reader started) on first use."""
-        target = self.links.get(address)
+    @property
+    def secure(self) -> bool:
+        return self.identity is not None
+
+    def _target(self, address: str, key: str | None, *, probe: bool = False) -> RemoteTarget:
+        """The link to ``address`` with server ``key``, made on first use.
+
+        A link whose handshake failed is replaced after HANDSHAKE_RETRY_S:
+        libzmq gives such a session up, and the other side may trust us now.
+        """
+        target = self.links.get((address, key))
+        stale = target is not None and target.given_up
+        if stale and time.monotonic() - target.created > HANDSHAKE_RETRY_S:  # type: ignore[union-attr]
+            self.links.pop((address, key)).close()
+            target = None
         if target is None:
-            target = RemoteTarget(self._context, address, self._codec, self.link)
-            self.links[address] = target
+            target = RemoteTarget(
+                self._context, address, self._codec, self.link, self.identity, key, quiet=probe
+            )
+            self.links[(address, key)] = target
             self._spawn(target.run())
         return target
+
+    def _drop(self, address: str, keep: str | None) -> None:
+        for found in [k for k in self.links if k[0] == address and k[1] != keep]:
+            self.links.pop(found).close()
+
+    def link_to(self, address: str) -> RemoteTarget | None:
+        """The link routing uses for ``address`` (None: no proven key yet)."""
+        if not self.secure:
+            return self._target(address, None)
+        key = self._verified.get(address)
+        return None if key is None else self._target(address, key)
+
+    def key_of(self, address: str) -> str | None:
+        """The public key a neighbour at ``address`` proved (None: not yet, or insecure)."""
+        return self._verified.get(address)
+
+    async def send(self, address: str, message: Message, timeout_s: float) -> Exchange:
+        """One request to ``address`` over its proven link."""
+        target = self.link_to(address)
+        if target is None:
+            return Exchange(None, "no proven key for this address yet", 0, 0, 0.0)
+        return await target.request(message, timeout_s)
+
+    def _keys_to_try(self, address: str) -> list[str | None]:
+        """Server keys to ping ``address`` with: the proven one, else the trusted
+        claims (static KEY@, mDNS TXT, an authenticated Ping), else every trusted
+        key. A claim alone proves nothing: only a completed handshake does."""
+        if not self.secure:
+            return [None]
+        assert self.keys is not None and self.identity is not None
+        proven = self._verified.get(address)
+        target = self.links.get((address, proven)) if proven else None
+        if proven and target is not None and not target.given_up:
+            return [proven]
+        if proven:  # the key there changed (or is refused): learn it again
+            del self._verified[address]
+        claims = {a.public_key for a in self.table.heartbeat_targets() if a.address == address}
+        claims.discard("")
+        if address in self._claimed:
+            claims.add(self._claimed[address])
+        if claims:
+            trusted = sorted(k for k in claims if self.keys.is_trusted(k))
+            if not trusted:
+                warn_once(
+                    f"untrusted:{address}:{sorted(claims)}",
+                    "not using the peer at %s: its key %s is not trusted "
+                    "(`ccied keys trust KEY` on this peer if it is yours)",
+                    address,
+                    ", ".join(sorted(claims)),
+                )
+            return list(trusted)
+        keys = [
+            self.identity.public,
+            *sorted(set(self.keys.trusted().values()) - {self.identity.public}),
+        ]
+        for key in keys:
+            self._target(address, key).quiet = True
+        return list(keys)
 
     # -- liveness ---------------------------------------------------------------
 
@@ -175,14 +263,22 @@ class Cluster:
             full_ms=load.full_ms,
         )
 
-    def pong_for(self, ping: Ping) -> Pong:
-        """Answer a neighbour's heartbeat; learn of it if it says where it listens."""
+    def pong_for(self, ping: Ping, sender_key: str = "") -> Pong:
+        """Answer a neighbour's heartbeat; learn of it if it says where it listens.
+
+        ``sender_key`` is the key its handshake proved (secure peers): the
+        key its own listening socket uses, so it is what we connect back with.
+        """
         if ping.address and ping.name != self.config.name:
-            self._suggest(ping.name, ping.role, ping.address, ping.bundle_id)
+            if sender_key and ping.address not in self._verified:
+                self._claimed[ping.address] = sender_key
+            self._suggest(ping.name, ping.role, ping.address, ping.bundle_id, sender_key)
         mine = self._ping_message()
         return Pong(**{**mine.__dict__, "request_id": ping.request_id})
 
-    def _suggest(self, name: str, role: str, address: str, bundle_id: str) -> bool:
+    def _suggest(
+        self, name: str, role: str, address: str, bundle_id: str, public_key: str = ""
+    ) -> bool:
         try:
             announcement = Announcement(
                 name=name,
@@ -190,6 +286,7 @@ class Cluster:
                 address=address,
                 bundle_id=bundle_id,
                 wire_version=WIRE_VERSION,
+                public_key=public_key,
             )
         except (DiscoveryError, ValueError) as exc:  # a malformed claim: ignore it
             warn_once(f"suggest:{address}", "ignoring peer %r at %s: %s", name, address, exc)
@@ -198,21 +295,49 @@ class Cluster:
 
     async def _ping(self, address: str) -> None:
         try:
+            keys = self._keys_to_try(address)
+            if not keys:
+                return
+            probe = len(keys) > 1
             was_alive = {n.name for n in self.table.alive()}
-            exchange = await self.link_to(address).request(
-                self._ping_message(), self.config.heartbeat_timeout_s
+            message = self._ping_message()
+            exchanges = await asyncio.gather(
+                *(
+                    self._target(address, key, probe=probe).request(
+                        message, self.config.heartbeat_timeout_s
+                    )
+                    for key in keys
+                )
             )
-            pong = exchange.reply
-            if not isinstance(pong, Pong):
+            answered = [
+                (key, e)
+                for key, e in zip(keys, exchanges, strict=True)
+                if isinstance(e.reply, Pong)
+            ]
+            if not answered:
                 name = self._names.get(address)
                 if name is not None:
                     self.table.record_failure(name)
                 return
+            key, exchange = answered[0]
+            pong = exchange.reply
+            assert isinstance(pong, Pong)
+            if key is not None:
+                if self._verified.get(address) != key:
+                    log.info("%s proved key %s", address, key)
+                self._verified[address] = key
+                self._target(address, key).quiet = False
+                self._drop(address, keep=key)  # the other keys tried there are wrong
             self._names[address] = pong.name
             self._full_ms[pong.name] = pong.full_ms
             known = self.table.get(pong.name)
-            if known is None or known.address != address or known.bundle_id != pong.bundle_id:
-                self._suggest(pong.name, pong.role, address, pong.bundle_id)
+            if (
+                known is None
+                or known.address != address
+                or known.bundle_id != pong.bundle_id
+                or known.public_key != (key or "")
+            ):
+                self._suggest(pong.name, pong.role, address, pong.bundle_id, key or "")
             alive = self.table.record_heartbeat(
                 pong.name, exchange.elapsed_ms, pong.load, pong.queue_length
             )
@@ -246,7 +371,7 @@ class Cluster:
 
     async def request(self, candidate: Candidate, message: Message, timeout_s: float) -> Exchange:
         """Send to a neighbour; learn bandwidth from answers and count failures."""
-        exchange = await self.link_to(candidate.address).request(message, timeout_s)
+        exchange = await self.send(candidate.address, message, timeout_s)
         self.sent_to[candidate.name] += 1
         if exchange.error is not None:
             self.table.record_failure(candidate.name)
@@ -288,7 +413,7 @@ class Cluster:
             message = share_message(batch, self.config.bundle_id)
             results = await asyncio.gather(
                 *(
-                    self.link_to(n.address).request(message, self.config.heartbeat_timeout_s)
+                    self.send(n.address, message, self.config.heartbeat_timeout_s)
                     for n in neighbours
                 )
             )
@@ -301,9 +426,9 @@ class Cluster:
             bundle_id=self.config.bundle_id,
             max_entries=MAX_SHARED_ENTRIES,
         )
-        exchange = await self.link_to(address).request(request, self.config.heartbeat_timeout_s * 5)
+        exchange = await self.send(address, request, self.config.heartbeat_timeout_s * 5)
         if isinstance(exchange.reply, CacheShare):
-            accepted = self._on_entries(exchange.reply, name)
+            accepted = self._on_entries(exchange.reply, name, self.key_of(address) or "")
             self.shared_in += accepted
             log.info("received %d cache entries from %s", accepted, name)
 
@@ -313,7 +438,7 @@ class Cluster:
         return {
             "links": [
                 {**target.describe(), "name": self._names.get(address, "")}
-                for address, target in self.links.items()
+                for (address, _), target in self.links.items()
             ],
             "sent_to": dict(self.sent_to),
             "shared_out": self.shared_out,

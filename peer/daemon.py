@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import zmq
 import zmq.asyncio
+import zmq.auth.asyncio
 from ccied.cache import (
     BadFeatureError,
     CacheConfig,
@@ -57,6 +58,13 @@ from ccied.discovery import (
 )
 from ccied.peer.cluster import Cluster, ClusterConfig, LocalLoad, SharedEntry, share_message
 from ccied.peer.errors import PeerError, ProtocolError
+from ccied.peer.keys import (
+    Keypair,
+    KeyStore,
+    check_curve_support,
+    default_state_dir,
+    split_keyed_address,
+)
 from ccied.peer.logutil import WarnOnce
 from ccied.peer.routing import Candidate, TargetKind, plan
 from ccied.peer.transport import EmulatedLink
@@ -96,6 +104,8 @@ DEFAULT_REMOTE_TIMEOUT_S = 2.0
 DEFAULT_MAX_PENDING = 32
 # Unix socket paths are limited to 107 bytes by the kernel (sun_path).
 MAX_SOCKET_PATH_BYTES = 107
+ZAP_DOMAIN = "ccied"
+SHARED_FROM = ("trusted", "cloud", "none")
 
 
 class Role(StrEnum):
@@ -152,6 +162,12 @@ class PeerConfig:
     slowdown: float = 1.0
     link_bandwidth_mbps: float | None = None
     link_rtt_ms: float = 0.0
+    # Keys and the allow-list live here (None: ccied.peer.keys.default_state_dir()).
+    state_dir: Path | None = None
+    # Plain ZeroMQ without CURVE: any host that reaches the peer socket is served.
+    insecure: bool = False
+    # Whose shared cache entries to take: "trusted" peers, the "cloud" only, or "none".
+    accept_shared_from: str = "trusted"
     # Only tests change these.
     mdns_service_type: str | None = None
 
@@ -167,6 +183,7 @@ class Counters:
     protocol_errors: int = 0
     served_for_peers: int = 0
     refused_bundle: int = 0
+    refused_shared: int = 0
 
 
 class PeerDaemon:
@@ -177,7 +194,34 @@ class PeerDaemon:
             raise PeerError("max_pending must be at least 1")
         if config.remote_timeout_s <= 0:
             raise PeerError("remote_timeout_s must be positive")
+        if config.accept_shared_from not in SHARED_FROM:
+            raise PeerError(f"accept_shared_from must be one of {', '.join(SHARED_FROM)}")
+        if config.accept_shared_from == "cloud" and (config.insecure or not config.cloud):
+            raise PeerError(
+                "taking shared entries from the cloud only needs --cloud and keys "
+                "(without --insecure): the cloud is known by the key it proves"
+            )
         self.config = config
+        self._static = [split_keyed_address(a) for a in self._static_targets(config)]
+        self.keys: KeyStore | None = None
+        self.identity: Keypair | None = None
+        if not config.insecure:
+            check_curve_support()
+            self.keys = KeyStore(config.state_dir or default_state_dir())
+            self.identity, created = self.keys.load_or_generate(config.name)
+            if created:
+                log.info(
+                    "created this peer's key in %s; public key %s (other peers: "
+                    "`ccied keys trust %s`)",
+                    self.keys.state_dir,
+                    self.identity.public,
+                    self.keys.public_file,
+                )
+        else:
+            log.warning(
+                "--insecure: no authentication or encryption; any host that reaches "
+                "this peer's socket can use it, read its tensors and poison its cache"
+            )
         self.codec = codec or MsgpackCodec()
         if config.torch_threads:
             import torch
@@ -247,7 +291,13 @@ class PeerDaemon:
         self._stop = asyncio.Event()
         await self.worker.warm_up()
         self._context = zmq.asyncio.Context()
+        authenticator = None
         try:
+            if self.keys is not None:
+                # The ZAP handler must run before the peer socket binds.
+                authenticator = zmq.auth.asyncio.AsyncioAuthenticator(self._context, log=log)
+                authenticator.start()
+                authenticator.configure_curve_callback(ZAP_DOMAIN, _AllowList(self.keys))
             self._bind()
             self.cluster = Cluster(
                 ClusterConfig(
@@ -256,6 +306,7 @@ class PeerDaemon:
                     bundle_id=self.bundle_id,
                     listen_address=self.listen_address,
                     static_addresses=self._static_addresses(),
+                    static_keys=tuple((a, k) for a, k in self._static if k is not None),
                     share_cache=self.config.share_cache and self.cache is not None,
                 ),
                 self._context,
@@ -264,6 +315,8 @@ class PeerDaemon:
                 self.link,
                 self._local_load,
                 self._accept_shared,
+                self.keys,
+                self.identity,
             )
             self.discovery = self._make_discovery()
             log.info(
@@ -291,12 +344,18 @@ class PeerDaemon:
         except* _Stopping:
             pass
         finally:
+            if authenticator is not None:
+                authenticator.stop()
             await self.aclose()
 
-    def _static_addresses(self) -> tuple[str, ...]:
-        if self.config.role is Role.CLOUD:
+    @staticmethod
+    def _static_targets(config: PeerConfig) -> tuple[str, ...]:
+        if config.role is Role.CLOUD:
             return ()
-        return (*self.config.peers, *((self.config.cloud,) if self.config.cloud else ()))
+        return (*config.peers, *((config.cloud,) if config.cloud else ()))
+
+    def _static_addresses(self) -> tuple[str, ...]:
+        return tuple(address for address, _ in self._static)
 
     def _make_discovery(self) -> MdnsDiscovery | None:
         if not self.config.discovery:
@@ -313,6 +372,7 @@ class PeerDaemon:
                     wire_version=WIRE_VERSION,
                     port=int(port),
                     addresses=advertised_addresses(host, interfaces),
+                    public_key=self.identity.public if self.identity else "",
                 )
             except (DiscoveryError, ValueError) as exc:
                 raise PeerError(f"cannot advertise this peer over mDNS: {exc}") from exc
@@ -370,7 +430,7 @@ class PeerDaemon:
     def _bind(self) -> None:
         assert self._context is not None
         if self.config.listen:
-            self._peer = self._router(self.config.listen)
+            self._peer = self._router(self.config.listen, self.identity)
             endpoint = self._peer.getsockopt(zmq.LAST_ENDPOINT)
             assert isinstance(endpoint, bytes)
             self.listen_address = endpoint.decode()
@@ -386,10 +446,17 @@ class PeerDaemon:
             os.chmod(path, 0o600)
             self._socket_path = path
 
-    def _router(self, address: str) -> zmq.asyncio.Socket:
+    def _router(self, address: str, identity: Keypair | None = None) -> zmq.asyncio.Socket:
+        """A ROUTER bound to ``address``; with ``identity``, a CURVE server whose
+        clients must prove a key on the allow-list (ZAP)."""
         assert self._context is not None
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        if identity is not None:
+            sock.curve_server = True
+            sock.curve_secretkey = identity.secret.encode("ascii")
+            sock.curve_publickey = identity.public.encode("ascii")
+            sock.zap_domain = ZAP_DOMAIN.encode()
         # libzmq drops a peer that sends a frame larger than any valid message.
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_TENSOR_BYTES + 1024)
         sock.setsockopt(zmq.RCVHWM, 1000)
@@ -404,17 +471,23 @@ class PeerDaemon:
     # -- serving ----------------------------------------------------------------
 
     async def _serve(self, sock: zmq.asyncio.Socket, *, local: bool) -> None:
+        secure = not local and self.identity is not None
         while True:
-            frames = await sock.recv_multipart()
-            if len(frames) < 2:
+            parts = await sock.recv_multipart(copy=False)
+            if len(parts) < 2:
                 continue  # ROUTER always prepends the identity; nothing to answer
+            # The key the sender's handshake proved (ZAP's User-Id): who sent this.
+            sender_key = _user_id(parts[1]) if secure else ""
+            frames = [part.bytes for part in parts]
             identity, body = frames[0], frames[1:]
             if self._pending >= self.config.max_pending:
                 self.counters.busy += 1
                 await self._reply_error(sock, identity, body, ErrorCode.BUSY, "queue full")
                 continue
             self._pending += 1
-            task = asyncio.create_task(self._handle(sock, identity, body, local=local))
+            task = asyncio.create_task(
+                self._handle(sock, identity, body, local=local, sender_key=sender_key)
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -441,10 +514,16 @@ class PeerDaemon:
             warn_once("reply-failed", "reply %s failed: %s", message.request_id, exc)
 
     async def _handle(
-        self, sock: zmq.asyncio.Socket, identity: bytes, body: list[bytes], *, local: bool
+        self,
+        sock: zmq.asyncio.Socket,
+        identity: bytes,
+        body: list[bytes],
+        *,
+        local: bool,
+        sender_key: str = "",
     ) -> None:
         try:
-            reply = await self._answer(body, local=local)
+            reply = await self._answer(body, local=local, sender_key=sender_key)
         except Exception as exc:  # a bug must cost one request, never the daemon
             log.exception("internal error while answering a request")
             self.counters.errors += 1
@@ -457,7 +536,7 @@ class PeerDaemon:
             self._pending -= 1
         await self._send(sock, identity, reply)
 
-    async def _answer(self, body: list[bytes], *, local: bool) -> Message:
+    async def _answer(self, body: list[bytes], *, local: bool, sender_key: str = "") -> Message:
         try:
             message = self.codec.decode(body)
         except ProtocolError as exc:
@@ -485,9 +564,9 @@ class PeerDaemon:
                 finally:
                     self._computing -= 1
             case Ping() if not local and self.cluster is not None:
-                return self.cluster.pong_for(message)
+                return self.cluster.pong_for(message, sender_key)
             case CacheShare() if not local:
-                accepted = self._accept_shared(message, "")
+                accepted = self._accept_shared(message, "", sender_key)
                 return StatusReply(
                     request_id=message.request_id,
                     bundle_id=self.bundle_id,
@@ -596,12 +675,38 @@ class PeerDaemon:
             )
         return StatusReply(request_id=command.request_id, bundle_id=self.bundle_id, status=status)
 
-    def _accept_shared(self, share: CacheShare, sender: str) -> int:
+    def _shared_from_allowed(self, sender_key: str) -> bool:
+        """Whether entries from the peer that proved ``sender_key`` may enter our cache.
+
+        On a secure peer every sender already passed the allow-list; "cloud"
+        narrows it to the key the ``--cloud`` address proved, so one
+        compromised edge cannot answer for the whole cluster.
+        """
+        policy = self.config.accept_shared_from
+        if policy == "none":
+            return False
+        if policy == "cloud":
+            cloud = split_keyed_address(self.config.cloud or "")[0]
+            key = self.cluster.key_of(cloud) if self.cluster is not None else None
+            return bool(sender_key) and sender_key == key
+        return True
+
+    def _accept_shared(self, share: CacheShare, sender: str, sender_key: str = "") -> int:
         """Queue entries a neighbour shared for our cache; returns how many were sane.
 
-        Only entries of our bundle with a valid feature, label and confidence are
-        taken; they keep their origin and are not shared on (no loops).
+        Only entries from an allowed sender (see :meth:`_shared_from_allowed`),
+        of our bundle, with a valid feature, label and confidence are taken;
+        they keep their origin and are not shared on (no loops).
         """
+        if not self._shared_from_allowed(sender_key):
+            self.counters.refused_shared += len(share.labels)
+            warn_once(
+                f"share-refused:{sender_key}",
+                "refused shared cache entries from %s (accepting from: %s)",
+                sender or sender_key or "a neighbour",
+                self.config.accept_shared_from,
+            )
+            return 0
         cache = self.cache
         if cache is None or share.bundle_id != self.bundle_id:
             if cache is not None:
@@ -864,13 +969,54 @@ class PeerDaemon:
                 "protocol_errors": c.protocol_errors,
                 "served_for_peers": c.served_for_peers,
                 "refused_bundle": c.refused_bundle,
+                "refused_shared": c.refused_shared,
                 "pending": self._pending,
             },
+            "security": self._security_status(),
+        }
+
+    def _security_status(self) -> dict[str, Any]:
+        if self.keys is None or self.identity is None:
+            return {"mode": "insecure", "accept_shared_from": self.config.accept_shared_from}
+        return {
+            "mode": "curve",
+            "public_key": self.identity.public,
+            "state_dir": str(self.keys.state_dir),
+            "trusted_keys": len(self.keys.trusted()),
+            "accept_shared_from": self.config.accept_shared_from,
         }
 
 
 class _Stopping(Exception):
     """Raised inside the task group to cancel its tasks on a stop request."""
+
+
+class _AllowList:
+    """ZAP credentials provider: a client key passes if the key store trusts it."""
+
+    def __init__(self, keys: KeyStore) -> None:
+        self._keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        text = key.decode("ascii", "replace")
+        allowed = self._keys.is_trusted(text)
+        if not allowed:
+            warn_once(
+                f"zap-denied:{text}",
+                "refused a peer with untrusted key %s (`ccied keys trust %s` if it is yours)",
+                text,
+                text,
+            )
+        return allowed
+
+
+def _user_id(frame: zmq.Frame) -> str:
+    """The ZAP User-Id of a received frame (the sender's Z85 key), or ''."""
+    try:
+        value = frame.get("User-Id")
+    except zmq.ZMQError:
+        return ""
+    return value if isinstance(value, str) else ""
 
 
 def _request_id_hint(codec: WireCodec, body: list[bytes]) -> str:
@@ -887,6 +1033,13 @@ def _prepare_socket_path(path: Path) -> None:
         raise PeerError(f"socket path {path} is longer than {MAX_SOCKET_PATH_BYTES} bytes")
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True)
+    mode = path.parent.stat().st_mode
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        # The socket itself stays 0600, but others could replace it here.
+        log.warning(
+            "the socket folder %s is writable by other users: prefer a 0700 folder",
+            path.parent,
+        )
     if not path.exists() and not path.is_symlink():
         return
     if not stat.S_ISSOCK(path.lstat().st_mode):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 from ccied.peer.errors import ProtocolError
+from ccied.peer.keys import Keypair
 from ccied.peer.logutil import WarnOnce
 from ccied.peer.wire import MAX_TENSOR_BYTES, Message, WireCodec, message_bytes
 from zmq.utils.monitor import parse_monitor_message
@@ -25,6 +26,17 @@ warn_once = WarnOnce(log)
 # Messages waiting for a slow target beyond this are dropped by ZeroMQ
 # rather than queued without bound.
 SEND_QUEUE_MESSAGES = 64
+
+
+_HANDSHAKE_FAILURES: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake refused: this peer's key is not trusted there",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: (
+        "handshake failed: wrong server key, or one side runs --insecure"
+    ),
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: (
+        "handshake failed: wrong server key, or one side runs --insecure"
+    ),
+}
 
 
 class EmulatedLink:
@@ -92,8 +104,16 @@ class RemoteTarget:
         address: str,
         codec: WireCodec,
         link: EmulatedLink | None = None,
+        identity: Keypair | None = None,
+        server_key: str | None = None,
+        quiet: bool = False,
     ) -> None:
+        """``identity`` and ``server_key`` switch on CURVE: this peer proves its
+        key, and the connection completes only with the peer that holds the
+        secret of ``server_key`` (None for both: plain, ``--insecure``)."""
         self.address = address
+        self.server_key = server_key
+        self.created = time.monotonic()
         self.link = link
         self.stats = TargetStats()
         self._codec = codec
@@ -105,17 +125,41 @@ class RemoteTarget:
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
         self._socket.setsockopt(zmq.SNDHWM, SEND_QUEUE_MESSAGES)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_TENSOR_BYTES + 1024)
-        self._socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        # A link trying a key on the chance it is the right one retries slowly.
+        self._socket.setsockopt(zmq.RECONNECT_IVL, 1000 if quiet else 100)
         self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if identity is not None:
+            if server_key is None:
+                raise ValueError("a CURVE link needs the server's public key")
+            self._socket.curve_secretkey = identity.secret.encode("ascii")
+            self._socket.curve_publickey = identity.public.encode("ascii")
+            self._socket.curve_serverkey = server_key.encode("ascii")
         self.connected = False
+        # Why the last handshake failed ("" if none did since the last success):
+        # the one clue a user gets when keys do not match.
+        self.handshake_error = ""
+        # A link that tries a key on the chance that it is the one there
+        # (while a static address's key is unknown) fails quietly.
+        self.quiet = quiet
         self._monitor = self._socket.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+            zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
         )
         try:
             self._socket.connect(address)
         except zmq.ZMQError as exc:
             self.close()
             raise ValueError(f"cannot connect to {address!r}: {exc}") from exc
+
+    @property
+    def given_up(self) -> bool:
+        """libzmq does not reconnect after a refused or broken handshake (it
+        ends the session on a protocol error): such a link must be replaced
+        to try again, say after the other side trusted our key."""
+        return bool(self.handshake_error) and not self.connected
 
     async def run(self) -> None:
         """Read replies and connection events until cancelled."""
@@ -126,8 +170,22 @@ class RemoteTarget:
     async def _watch_connection(self) -> None:
         while True:
             event = parse_monitor_message(await self._monitor.recv_multipart())
+            kind = event["event"]
             was = self.connected
-            self.connected = event["event"] == zmq.EVENT_CONNECTED
+            self.connected = kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            if self.connected:
+                self.handshake_error = ""
+            elif kind in _HANDSHAKE_FAILURES:
+                self.handshake_error = _HANDSHAKE_FAILURES[kind]
+                if self.quiet:
+                    log.debug("%s with key %s: %s", self.address, self.server_key, kind)
+                    continue
+                warn_once(
+                    f"handshake:{self.address}:{self.server_key}",
+                    "%s: %s",
+                    self.address,
+                    self.handshake_error,
+                )
             if was != self.connected:
                 log.info("%s %s", self.address, "connected" if self.connected else "disconnected")
 
@@ -186,6 +244,8 @@ class RemoteTarget:
         return {
             "address": self.address,
             "connected": self.connected,
+            "secure": self.server_key is not None,
+            "handshake_error": self.handshake_error,
             "sent": self.stats.sent,
             "answered": self.stats.answered,
             "failures": self.stats.failures,

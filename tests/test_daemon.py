@@ -18,6 +18,7 @@ import zmq
 from ccied.bench.cluster import PeerProcess, free_tcp_port
 from ccied.peer.client import Client
 from ccied.peer.errors import RequestFailedError
+from ccied.peer.keys import Keypair
 from ccied.peer.wire import (
     ErrorCode,
     ErrorReply,
@@ -79,11 +80,24 @@ def full_model_label(model: StagedModel, pixels: np.ndarray) -> int:
         return int(model.full()(preprocess(pixels, model.spec)).argmax())
 
 
-def exchange(address: str, frames: list[bytes], timeout_ms: int = 10_000) -> Message:
-    """One raw request over a fresh DEALER; returns the decoded reply."""
+def exchange(
+    address: str,
+    frames: list[bytes],
+    timeout_ms: int = 10_000,
+    keys: tuple[Keypair, str] | None = None,
+) -> Message:
+    """One raw request over a fresh DEALER; returns the decoded reply.
+
+    ``keys`` (our keypair, the server's public key) makes it a CURVE client,
+    as a peer socket requires.
+    """
     context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        sock.curve_secretkey = keys[0].secret.encode()
+        sock.curve_publickey = keys[0].public.encode()
+        sock.curve_serverkey = keys[1].encode()
     try:
         sock.connect(address)
         sock.send_multipart(frames)
@@ -91,6 +105,11 @@ def exchange(address: str, frames: list[bytes], timeout_ms: int = 10_000) -> Mes
         return decode(sock.recv_multipart())
     finally:
         sock.close(linger=0)
+
+
+def peer_keys(client: PeerProcess, server: PeerProcess) -> tuple[Keypair, str]:
+    """Speak to ``server``'s peer socket as ``client`` (a peer it trusts) would."""
+    return client.keys().load(), server.keys().load().public
 
 
 def test_a_real_frame_goes_edge_to_cloud_and_back_with_the_full_model_label(
@@ -124,13 +143,14 @@ def test_garbage_on_both_sockets_does_not_stop_either_peer(
 ) -> None:
     cloud, edge = cluster
     rng = np.random.default_rng(7)
-    for target in (cloud.listen, f"ipc://{edge.socket_path}"):
+    targets = [(cloud.listen, peer_keys(edge, cloud)), (f"ipc://{edge.socket_path}", None)]
+    for target, keys in targets:
         for size in (0, 1, 17, 4096):
-            reply = exchange(target, [rng.bytes(size)])
+            reply = exchange(target, [rng.bytes(size)], keys=keys)
             assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.PROTOCOL
         # Valid header, lying about the tensor size.
         frames = encode(Submit(request_id="x1", frame_name="f", pixels=cat_pixels))
-        reply = exchange(target, [frames[0], frames[1][:-1]])
+        reply = exchange(target, [frames[0], frames[1][:-1]], keys=keys)
         assert isinstance(reply, ErrorReply) and reply.request_id == "x1"
     # Bytes that are not even ZMTP, straight on the TCP port.
     host, port = cloud.listen.removeprefix("tcp://").split(":")
@@ -170,7 +190,7 @@ def test_the_cloud_refuses_another_bundle_and_tensors_of_the_wrong_shape(
             deadline_ms=1000,
             tensor=tensor,
         )
-        return exchange(cloud.listen, encode(request))
+        return exchange(cloud.listen, encode(request), keys=peer_keys(edge, cloud))
 
     good = np.zeros((1, 192, 7, 7), np.float32)
     reply = infer("0123456789abcdef", good)
@@ -192,8 +212,10 @@ def test_the_cloud_refuses_another_bundle_and_tensors_of_the_wrong_shape(
 
 
 def test_status_is_served_on_the_peer_socket(cluster: tuple[PeerProcess, PeerProcess]) -> None:
-    cloud, _ = cluster
-    reply = exchange(cloud.listen, encode(StatusRequest(request_id="s1")))
+    cloud, edge = cluster
+    reply = exchange(
+        cloud.listen, encode(StatusRequest(request_id="s1")), keys=peer_keys(edge, cloud)
+    )
     assert reply.request_id == "s1" and reply.bundle_id
 
 
@@ -319,7 +341,7 @@ def test_unknown_variants_and_undecodable_payloads_are_refused(
             deadline_ms=1000,
             tensor=tensor,
         )
-        return exchange(cloud.listen, encode(request))
+        return exchange(cloud.listen, encode(request), keys=peer_keys(edge, cloud))
 
     garbage = np.frombuffer(b"CCTC" + bytes(60), dtype=np.uint8)
     for variant, encoding, tensor in [
