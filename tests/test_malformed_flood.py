@@ -119,8 +119,8 @@ def _valid(rng: random.Random, request_id: str) -> Message:
     return rng.choice(choices)()
 
 
-def _header(frames: Frames) -> dict[str, Any]:
-    header: dict[str, Any] = msgpack.unpackb(frames[0], raw=False)
+def _header(frames: Frames) -> dict[Any, Any]:
+    header: dict[Any, Any] = msgpack.unpackb(frames[0], raw=False)
     return header
 
 
@@ -284,7 +284,7 @@ def flood(seed: int, count: int) -> list[tuple[str, Frames, tuple[str, ErrorCode
     rng = random.Random(seed)
     names = list(KINDS)
     weights = [share for _, share in KINDS.values()]
-    messages = []
+    messages: list[tuple[str, Frames, tuple[str, ErrorCode]]] = []
     while len(messages) < count:
         (kind,) = rng.choices(names, weights)
         expected = None
@@ -326,7 +326,7 @@ def test_the_flood_covers_every_kind_and_mostly_carries_request_ids() -> None:
 
 def exchange_all(peer: PeerProcess, messages: list[Frames], window: int) -> list[Message]:
     """Send every message over one DEALER, at most ``window`` unanswered; the replies."""
-    context = zmq.Context.instance()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(f"ipc://{peer.socket_path}")
