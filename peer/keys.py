@@ -28,6 +28,7 @@ import datetime
 import logging
 import os
 import re
+import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,9 +163,13 @@ def _certificate_text(public: str, secret: str | None, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    """Write ``text`` to ``path`` crash-safe: temp file with ``mode``, fsync, rename."""
-    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def _write_atomic(path: Path, text: str, mode: int, *, replace: bool = True) -> None:
+    """Write ``text`` to ``path`` crash-safe: temp file with ``mode``, fsync, rename.
+
+    With ``replace=False`` the file is linked into place instead, which fails
+    with FileExistsError when another process made it first.
+    """
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
     with contextlib.suppress(FileNotFoundError):
         temp.unlink()
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -173,7 +178,11 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temp, path)
+        if replace:
+            os.replace(temp, path)
+        else:
+            os.link(temp, path)
+            temp.unlink()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
@@ -218,15 +227,23 @@ class KeyStore:
                 "(--force replaces it, and every peer that trusted the old one must "
                 "trust the new one)"
             )
+        return self._create(name, force=force)
+
+    def _create(self, name: str, *, force: bool) -> Keypair:
         _make_private_dir(self.state_dir)
         _make_private_dir(self.trusted_dir)
         public, secret = (k.decode("ascii") for k in zmq.curve_keypair())
         try:
-            _write_atomic(self.secret_file, _certificate_text(public, secret, name), 0o600)
+            # Two peers sharing a folder may start together: one key wins.
+            _write_atomic(
+                self.secret_file, _certificate_text(public, secret, name), 0o600, replace=force
+            )
             _write_atomic(self.public_file, _certificate_text(public, None, name), 0o644)
+        except FileExistsError:
+            return self.load()
         except OSError as exc:
             raise KeyFileError(f"cannot write keys in {self.state_dir}: {exc}") from exc
-        self._own = None
+        self._own = public
         return Keypair(public, secret)
 
     def load(self) -> Keypair:
@@ -252,7 +269,8 @@ class KeyStore:
         """(keypair, created): the first start of a peer makes its key."""
         if self.exists():
             return self.load(), False
-        return self.generate(name), True
+        keypair = self._create(name, force=False)
+        return keypair, True
 
     # -- allow-list -------------------------------------------------------------
 
