@@ -54,6 +54,7 @@ import platform
 import queue
 import random
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -695,14 +696,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def run(args: argparse.Namespace) -> int:
-    """``ccied bench chaos``; exit code 1 when a frame was lost or answered twice."""
-    config = ChaosConfig(
-        calm_s=args.calm_s or (QUICK_CALM_S if args.quick else DEFAULT_CALM_S),
-        chaos_s=args.duration_s or (QUICK_DURATION_S if args.quick else DEFAULT_DURATION_S),
+def _config_from(args: argparse.Namespace) -> ChaosConfig:
+    """The run's settings: what was given, else --quick's or the defaults."""
+
+    def given(value: float | None, quick: float, default: float) -> float:
+        if value is not None:
+            return value
+        return quick if args.quick else default
+
+    return ChaosConfig(
+        calm_s=given(args.calm_s, QUICK_CALM_S, DEFAULT_CALM_S),
+        chaos_s=given(args.duration_s, QUICK_DURATION_S, DEFAULT_DURATION_S),
         rate_fps=args.rate_fps,
-        kill_every_s=args.kill_every_s
-        or (QUICK_KILL_EVERY_S if args.quick else DEFAULT_KILL_EVERY_S),
+        kill_every_s=given(args.kill_every_s, QUICK_KILL_EVERY_S, DEFAULT_KILL_EVERY_S),
         down_s=args.down_s,
         drain_s=args.drain_s,
         app_timeout_s=args.app_timeout_s,
@@ -713,6 +719,15 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         log_dir=args.log_dir,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``ccied bench chaos``; exit code 1 when a frame was lost or answered twice."""
+    try:
+        config = _config_from(args)
+    except ValueError as exc:  # an impossible setting: say which, without a traceback
+        print(f"ccied bench chaos: {exc}", file=sys.stderr)
+        return 2
     report = run_chaos(config)
     print(text_report(report))
     print(f"({report['seconds']} s)")
