@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import lzma
 import math
 import tokenize
 import zipfile
@@ -283,6 +284,8 @@ def load_bundle(folder: Path) -> Bundle:
                 state = {key: arrays[key] for key in arrays.files if key != "method"}
                 method = str(arrays["method"])
         # BadZipFile, EOFError, zlib.error: a damaged .npz whose hash was updated with it;
+        # RuntimeError (NotImplementedError too), LZMAError: zip flags or a compression
+        # method it cannot read (encrypted, patched, unknown, a broken LZMA member);
         # SyntaxError, TokenError: numpy parses each .npy header as a Python literal;
         # MemoryError: a header that claims an array too large to hold.
         except (
@@ -292,6 +295,8 @@ def load_bundle(folder: Path) -> Bundle:
             EOFError,
             SyntaxError,
             MemoryError,
+            RuntimeError,
+            lzma.LZMAError,
             tokenize.TokenError,
             zipfile.BadZipFile,
             zlib.error,

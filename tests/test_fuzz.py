@@ -14,7 +14,7 @@ import random
 import struct
 import tracemalloc
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +210,53 @@ def test_a_projection_with_an_untokenizable_npy_header_is_a_model_error(
     (tmp_path / bundle.MANIFEST_NAME).write_text(json.dumps(manifest))
     (tmp_path / seed.npz_name).write_bytes(npz)
     with pytest.raises(ModelError, match=r"unreadable projection|altered"):
+        bundle.load_bundle(tmp_path)
+
+
+def _patch_zip(npz: bytes, flags: int = 0, method: int | None = None) -> bytes:
+    """Set general-purpose flag bits, or the compression method, of every member."""
+    data = bytearray(npz)
+    for signature, flags_at, method_at in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        start = data.find(signature)
+        while start != -1:
+            (old,) = struct.unpack_from("<H", data, start + flags_at)
+            struct.pack_into("<H", data, start + flags_at, old | flags)
+            if method is not None:
+                struct.pack_into("<H", data, start + method_at, method)
+            start = data.find(signature, start + 4)
+    return bytes(data)
+
+
+def _lzma_member_with_bad_properties() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:  # stored, then relabelled as LZMA
+        archive.writestr("mean.npy", b"\x09\x04\x05\x00" + b"\xff" * 45)
+    return _patch_zip(buffer.getvalue(), method=14)
+
+
+@pytest.mark.parametrize(
+    ("case", "make"),
+    [
+        ("encrypted", lambda npz: _patch_zip(npz, flags=0x01)),
+        ("compressed patched data", lambda npz: _patch_zip(npz, flags=0x20)),
+        ("strong encryption", lambda npz: _patch_zip(npz, flags=0x40)),
+        ("unknown compression", lambda npz: _patch_zip(npz, method=99)),
+        ("lzma with bad properties", lambda npz: _lzma_member_with_bad_properties()),
+    ],
+)
+def test_a_projection_zip_that_zipfile_cannot_read_is_a_model_error(
+    bundle_target: fuzz.Target, tmp_path: Path, case: str, make: Callable[[bytes], bytes]
+) -> None:
+    # Found by `ccied bench fuzz --engine atheris --target bundle` (coverage-guided)
+    # within 300,000 executions: zipfile raised NotImplementedError out of load_bundle
+    # (flag bits 5 and 6, an unsupported method); the encrypted flag (RuntimeError)
+    # and a broken LZMA member (LZMAError) are the same family.
+    seed = bundle_target.seeds[0]
+    npz = make(seed.npz)
+    manifest = fuzz._reseal(json.loads(seed.manifest), seed.npz_name, npz, random.Random(1))
+    (tmp_path / bundle.MANIFEST_NAME).write_text(json.dumps(manifest))
+    (tmp_path / seed.npz_name).write_bytes(npz)
+    with pytest.raises(ModelError, match="unreadable projection"):
         bundle.load_bundle(tmp_path)
 
 
