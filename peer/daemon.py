@@ -105,6 +105,11 @@ DEFAULT_MAX_PENDING = 32
 # Unix socket paths are limited to 107 bytes by the kernel (sun_path).
 MAX_SOCKET_PATH_BYTES = 107
 ZAP_DOMAIN = "ccied"
+# The cache-or-not decision (PeerDaemon._use_cache): an optimistic start so a
+# new cache gets to learn, a slow average, and a lookup at least every N frames.
+INITIAL_HIT_RATE = 0.5
+HIT_RATE_ALPHA = 0.2
+CACHE_PROBE_EVERY = 8
 SHARED_FROM = ("trusted", "cloud", "none")
 
 
@@ -184,6 +189,7 @@ class Counters:
     served_for_peers: int = 0
     refused_bundle: int = 0
     refused_shared: int = 0
+    cache_skipped: int = 0
 
 
 class PeerDaemon:
@@ -247,6 +253,8 @@ class PeerDaemon:
         self._started = time.monotonic()
         self._pending = 0  # requests of any kind in progress (bounded by max_pending)
         self._computing = 0  # frames and tensors among them: what queues for the model
+        self._hit_rate = INITIAL_HIT_RATE  # EWMA of recent lookups (see _use_cache)
+        self._since_lookup = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._context: zmq.asyncio.Context | None = None
@@ -585,10 +593,9 @@ class PeerDaemon:
         self.counters.submitted += 1
         variant = self._choose_variant(request.need)
         self.variant_counts[variant] += 1
+        use_cache = self._use_cache(variant)
         try:
-            head = await self.worker.head(
-                request.pixels, variant, with_cache=self.cache is not None
-            )
+            head = await self.worker.head(request.pixels, variant, with_cache=use_cache)
         except MediaError as exc:
             self.counters.errors += 1
             return ErrorReply(
@@ -603,6 +610,9 @@ class PeerDaemon:
             except BadFeatureError as exc:  # e.g. an all-black frame: no usable key
                 warn_once("feature", "frame %s has no cache key: %s", request.frame_name, exc)
             else:
+                self._hit_rate = (1 - HIT_RATE_ALPHA) * self._hit_rate + HIT_RATE_ALPHA * (
+                    1.0 if lookup.hit else 0.0
+                )
                 if lookup.hit:
                     self._count_answer(Source.CACHE)
                     return InferResult(
@@ -617,10 +627,46 @@ class PeerDaemon:
                         cache_entry=lookup.entry_id,
                         cache_distance=lookup.distance,
                     )
-        result = await self._resolve_miss(request, head)
+        result = await self._resolve_miss(request, await self.worker.complete(head))
         if feature is not None:
             self._insert_later(feature, result.label, result.confidence)
         return result
+
+    def _use_cache(self, variant: str) -> bool:
+        """Whether to compute this frame's cache key: when it costs more head time
+        than the hits it is expected to bring save, skip it.
+
+        The key costs nothing extra when the variant's split lies at or beyond
+        the cache split. Before it (an early split a slow device sends from),
+        the extra head stages are weighed against (recent hit rate) x (time a
+        miss takes to answer). Every CACHE_PROBE_EVERY-th frame looks up
+        anyway, so the hit rate stays measured and the cache keeps learning.
+        """
+        if self.cache is None:
+            return False
+        extra_ms = self.worker.reach_ms(variant, True) - self.worker.head_ms(variant)
+        if extra_ms <= 0:
+            return True
+        self._since_lookup += 1
+        if (
+            self._since_lookup >= CACHE_PROBE_EVERY
+            or self._hit_rate * self._miss_ms(variant) >= extra_ms
+        ):
+            self._since_lookup = 0
+            return True
+        self.counters.cache_skipped += 1
+        return False
+
+    def _miss_ms(self, variant: str) -> float:
+        """Expected time from the end of the head to an answer, on a miss."""
+        worker = self.worker
+        best = worker.local_rest_ms(variant, with_cache=False)
+        share = worker.tail_share(variant)
+        payload = int(worker.payload_bytes(variant))
+        for candidate in self.cluster.candidates() if self.cluster is not None else []:
+            tail = (candidate.tail_ms or worker.full_ms()) * share
+            best = min(best, dataclasses.replace(candidate, tail_ms=tail).expected_ms(payload))
+        return best
 
     def _lookup(self, tensor: np.ndarray | None) -> tuple[np.ndarray, LookupResult]:
         assert self.cache is not None and tensor is not None
@@ -802,17 +848,21 @@ class PeerDaemon:
             name=self.config.name,
             kind=TargetKind.LOCAL,
             address="",
-            tail_ms=self.worker.local_rest_ms(head.variant, with_cache=self.cache is not None),
+            tail_ms=self.worker.local_rest_ms(
+                head.variant, with_cache=head.cache_tensor is not None
+            ),
             queue_length=max(0, self._computing - 1),
         )
         share = self.worker.tail_share(head.variant)
+        payload = head.payload
+        assert payload is not None, "complete() the head before resolving a miss"
         remotes = [
             dataclasses.replace(c, tail_ms=c.tail_ms * share) for c in self.cluster.candidates()
         ]
         if self.config.always_offload and remotes:
-            route = [*sorted(remotes, key=lambda c: c.expected_ms(head.payload.nbytes)), local]
+            route = [*sorted(remotes, key=lambda c: c.expected_ms(payload.nbytes)), local]
         else:
-            route = plan([local, *remotes], int(head.payload.nbytes))
+            route = plan([local, *remotes], int(payload.nbytes))
         for target in route[:-1]:
             exchange = await self.cluster.request(
                 target,
@@ -823,7 +873,7 @@ class PeerDaemon:
                     variant=head.variant,
                     encoding=head.encoding,
                     deadline_ms=self.config.remote_timeout_s * 1e3,
-                    tensor=head.payload,
+                    tensor=payload,
                 ),
                 self.config.remote_timeout_s,
             )
@@ -970,6 +1020,7 @@ class PeerDaemon:
                 "served_for_peers": c.served_for_peers,
                 "refused_bundle": c.refused_bundle,
                 "refused_shared": c.refused_shared,
+                "cache_skipped": c.cache_skipped,
                 "pending": self._pending,
             },
             "security": self._security_status(),

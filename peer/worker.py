@@ -56,7 +56,9 @@ class HeadResult:
     """What the head left: the cache key tensor, the wire payload, and where it stopped."""
 
     cache_tensor: np.ndarray | None  # (1, C, H, W) float32 at the cache split (if asked)
-    payload: np.ndarray  # what crosses the network for the variant
+    # What crosses the network for the variant; None while the head stopped at
+    # the cache split (ModelWorker.complete runs the rest on a miss).
+    payload: np.ndarray | None
     encoding: str  # RAW or CODEC
     variant: str
     reach: torch.Tensor  # the last tensor computed, to finish the frame here
@@ -190,8 +192,11 @@ class ModelWorker:
     # -- the work -------------------------------------------------------------
 
     async def head(self, pixels: np.ndarray, variant: str, with_cache: bool = True) -> HeadResult:
-        """Preprocess an RGB frame and run the stages the cache and ``variant`` need.
+        """Preprocess an RGB frame and run the stages the cache key and ``variant`` need.
 
+        With the cache, the head stops at the cache split when the variant's
+        split lies beyond it: a hit then never pays for the stages in between;
+        :meth:`complete` runs them on a miss (``payload`` is None until then).
         Raises ccied.pruning.MediaError for a frame that is not RGB uint8.
         """
         runtime = self.variants[variant]
@@ -200,12 +205,15 @@ class ModelWorker:
             start = time.perf_counter()
             crop = center_crop(pixels, self.model.spec.input_size)
             x = normalize(crop, self.model.spec)
-            last = max(runtime.index, self.cache_point.index if with_cache else -1)
+            cache_index = self.cache_point.index if with_cache else -1
+            last = max(runtime.index, cache_index)
+            if with_cache and runtime.variant.jpeg_quality is None:
+                last = cache_index if runtime.index > cache_index else last
             cache_tensor = at_variant = None
             with torch.inference_mode():
                 for index, stage in enumerate(self.stages[: last + 1]):
                     x = stage(x)
-                    if index == self.cache_point.index:
+                    if index == cache_index:
                         cache_tensor = x.numpy().astype(np.float32, copy=True)
                     if index == runtime.index:
                         at_variant = x if runtime.encode is None else runtime.encode(x)
@@ -215,18 +223,47 @@ class ModelWorker:
                 return HeadResult(
                     cache_tensor, payload, encoding, variant, x, last, self._emulate(start)
                 )
-            assert at_variant is not None
-            wire = at_variant.numpy().astype(np.float32, copy=False)
-            if runtime.codec is None:
-                payload, encoding = np.ascontiguousarray(wire), RAW
-            else:
-                payload = np.frombuffer(runtime.codec.encode(wire), dtype=np.uint8)
-                encoding = CODEC
+            if at_variant is None:  # stopped at the cache split: complete() on a miss
+                return HeadResult(
+                    cache_tensor, None, runtime.encoding, variant, x, last, self._emulate(start)
+                )
+            payload, encoding = self._wire(runtime, at_variant)
             return HeadResult(
                 cache_tensor, payload, encoding, variant, x, last, self._emulate(start)
             )
 
         return await self._run(work)
+
+    async def complete(self, head: HeadResult) -> HeadResult:
+        """Run the rest of a head that stopped at the cache split (a miss needs it)."""
+        if head.payload is not None:
+            return head
+        runtime = self.variants[head.variant]
+
+        def work() -> HeadResult:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                x = self.stages_forward(head.reach, head.reach_index + 1, runtime.index)
+                at_variant = x if runtime.encode is None else runtime.encode(x)
+            payload, encoding = self._wire(runtime, at_variant)
+            return HeadResult(
+                head.cache_tensor,
+                payload,
+                encoding,
+                head.variant,
+                x,
+                runtime.index,
+                head.head_ms + self._emulate(start),
+            )
+
+        return await self._run(work)
+
+    @staticmethod
+    def _wire(runtime: _VariantRuntime, at_variant: torch.Tensor) -> tuple[np.ndarray, str]:
+        wire = at_variant.numpy().astype(np.float32, copy=False)
+        if runtime.codec is None:
+            return np.ascontiguousarray(wire), RAW
+        return np.frombuffer(runtime.codec.encode(wire), dtype=np.uint8), CODEC
 
     def _predict(self, logits: torch.Tensor, start: float, tail_share: float) -> Prediction:
         probs = torch.softmax(logits, dim=1)[0]
