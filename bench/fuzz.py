@@ -1058,61 +1058,62 @@ def atheris_mutator(
     return mutate
 
 
-def _atheris_child(
-    name: str, seconds: float, executions: int, seed: int, stats_path: Path, corpus: Path
-) -> None:
+def _atheris_child(name: str, seconds: float, executions: int, seed: int, folder: Path) -> None:
     """Runs in a subprocess: libFuzzer drives the target until the time or run budget.
 
-    libFuzzer leaves with C ``exit()`` (no ``finally``, no ``atexit``), so the child
-    writes its figures every second and ends itself with ``os._exit`` once a budget
-    is spent, after writing them.
+    ``folder`` (the parent's, which removes it) receives ``stats.json``, the corpus
+    and the target's files. libFuzzer leaves with C ``exit()`` (no ``finally``, no
+    ``atexit``), so the child writes its figures every second and ends itself with
+    ``os._exit`` once a budget is spent, after writing them.
     """
     atheris = importlib.import_module("atheris")
-    with tempfile.TemporaryDirectory(prefix="ccied-fuzz-") as tmp:
-        # Coverage of ccied's own code (decoders, store, bundle loader) steers libFuzzer.
-        with atheris.instrument_imports(include=["ccied"]):
-            target = make_target(name, Path(tmp))
-        runner = Runner(target)
-        seeds = [atheris_bytes(target, value) for value in target.seeds]
-        for i, data in enumerate(seeds):
-            (corpus / f"seed-{i:03d}").write_bytes(data)
-        max_len = max(1 << 16, 2 * max(len(data) for data in seeds))
-        start = time.perf_counter()
-        last_write = [start]
+    stats_path, corpus, work = folder / "stats.json", folder / "corpus", folder / "work"
+    corpus.mkdir(exist_ok=True)
+    work.mkdir(exist_ok=True)
+    # Coverage of ccied's own code (decoders, store, bundle loader) steers libFuzzer.
+    with atheris.instrument_imports(include=["ccied"]):
+        target = make_target(name, work)
+    runner = Runner(target)
+    seeds = [atheris_bytes(target, value) for value in target.seeds]
+    for i, data in enumerate(seeds):
+        (corpus / f"seed-{i:03d}").write_bytes(data)
+    max_len = max(1 << 16, 2 * max(len(data) for data in seeds))
+    start = time.perf_counter()
+    last_write = [start]
 
-        def write_stats() -> None:
-            elapsed = time.perf_counter() - start
-            result = TargetResult(
-                name,
-                "atheris",
-                round(elapsed, 1),
-                runner.executions,
-                round(runner.executions / max(elapsed, 1e-9), 1),
-                runner.crashes,
-                list(runner.distinct.values()),
-            )
-            stats_path.write_text(json.dumps(asdict(result)))
-
-        def test_one_input(data: bytes) -> None:
-            runner.one(atheris_input(target, data))
-            now = time.perf_counter()
-            if runner.executions >= executions or now - start >= seconds:
-                write_stats()
-                os._exit(0)
-            if now - last_write[0] > 1.0:
-                last_write[0] = now
-                write_stats()
-
-        options = [f"-max_len={max_len}", f"-seed={seed}", "-rss_limit_mb=4096"]
-        if math.isfinite(seconds):  # a backstop only: the callback ends the run on time
-            options.append(f"-max_total_time={math.ceil(seconds) + 60}")
-        atheris.Setup(
-            [sys.argv[0], *options, str(corpus)],
-            test_one_input,
-            # Looked up per call: Fuzz() replaces the stub Mutate that raises before it.
-            custom_mutator=atheris_mutator(target, lambda data, size: atheris.Mutate(data, size)),
+    def write_stats() -> None:
+        elapsed = time.perf_counter() - start
+        result = TargetResult(
+            name,
+            "atheris",
+            round(elapsed, 1),
+            runner.executions,
+            round(runner.executions / max(elapsed, 1e-9), 1),
+            runner.crashes,
+            list(runner.distinct.values()),
         )
-        atheris.Fuzz()
+        stats_path.write_text(json.dumps(asdict(result)))
+
+    def test_one_input(data: bytes) -> None:
+        runner.one(atheris_input(target, data))
+        now = time.perf_counter()
+        if runner.executions >= executions or now - start >= seconds:
+            write_stats()
+            os._exit(0)
+        if now - last_write[0] > 1.0:
+            last_write[0] = now
+            write_stats()
+
+    options = [f"-max_len={max_len}", f"-seed={seed}", "-rss_limit_mb=4096"]
+    if math.isfinite(seconds):  # a backstop only: the callback ends the run on time
+        options.append(f"-max_total_time={math.ceil(seconds) + 60}")
+    atheris.Setup(
+        [sys.argv[0], *options, str(corpus)],
+        test_one_input,
+        # Looked up per call: Fuzz() replaces the stub Mutate that raises before it.
+        custom_mutator=atheris_mutator(target, lambda data, size: atheris.Mutate(data, size)),
+    )
+    atheris.Fuzz()
 
 
 def _last_status(log: str) -> str:
@@ -1130,8 +1131,6 @@ def run_atheris(
     limit = math.inf if seconds is None else seconds
     with tempfile.TemporaryDirectory(prefix="ccied-fuzz-") as tmp:
         stats = Path(tmp) / "stats.json"
-        corpus = Path(tmp) / "corpus"
-        corpus.mkdir()
         log_path = Path(tmp) / "libfuzzer.log"
         with log_path.open("wb") as log:
             subprocess.run(
@@ -1144,8 +1143,7 @@ def run_atheris(
                     str(limit),
                     str(executions or sys.maxsize),
                     str(seed),
-                    str(stats),
-                    str(corpus),
+                    tmp,
                 ],
                 check=False,
                 stdin=subprocess.DEVNULL,
@@ -1228,14 +1226,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 8 and sys.argv[1] == "--atheris-child":
+    if len(sys.argv) == 7 and sys.argv[1] == "--atheris-child":
         _atheris_child(
-            sys.argv[2],
-            float(sys.argv[3]),
-            int(sys.argv[4]),
-            int(sys.argv[5]),
-            Path(sys.argv[6]),
-            Path(sys.argv[7]),
+            sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[6])
         )
         sys.exit(0)
     main_parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
