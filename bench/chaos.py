@@ -105,7 +105,11 @@ CAMERA_CLIPS = (
 CLOUD = "cloud"
 FRAME_EVERY = 5
 DEFAULT_FRAMES_PER_CAMERA = 24
+# Pause before a resubmission, doubled after each failure in a row up to the
+# cap: a busy peer asks to be tried "later", and a camera resubmitting at
+# once would only add load where there is too much already.
 RETRY_PAUSE_S = 0.1
+MAX_RETRY_PAUSE_S = 1.0
 # After its last frame a camera listens this long for a second answer to any of
 # its requests: longer than the peer's remote timeout, the slowest path to one.
 STRAY_WAIT_S = 2.5
@@ -153,7 +157,7 @@ class FrameRecord:
     answered_s: float | None = None
     answers: int = 0  # results received for this request id, late ones included
     attempts: int = 0  # submissions (the same request id each time)
-    error_replies: int = 0
+    error_replies: list[str] = field(default_factory=list)  # their codes
     source: str = ""
     served_by: str = ""
 
@@ -281,6 +285,7 @@ class Camera:
     def _deliver(self, record: FrameRecord, client: Client | None) -> Client | None:
         """Submit until answered or the run gives up; returns the socket to keep using."""
         pixels = self.frames[record.index % len(self.frames)][1]
+        pause_s = RETRY_PAUSE_S
         while not self.clock.abort.is_set() and self.clock.now_s() <= self.clock.give_up_s:
             if client is None:
                 client = Client(
@@ -297,12 +302,14 @@ class Camera:
                 # cannot reach the restarted peer beside the resubmission.
                 client.close()
                 client = None
-                self.clock.abort.wait(RETRY_PAUSE_S)
+                self.clock.abort.wait(pause_s)
+                pause_s = min(MAX_RETRY_PAUSE_S, 2 * pause_s)
                 continue
-            except RequestFailedError:
+            except RequestFailedError as exc:
                 # An error reply (busy, internal) answers nothing: try again.
-                record.error_replies += 1
-                self.clock.abort.wait(RETRY_PAUSE_S)
+                record.error_replies.append(exc.code)
+                self.clock.abort.wait(pause_s)
+                pause_s = min(MAX_RETRY_PAUSE_S, 2 * pause_s)
                 continue
             record.answered_s = self.clock.now_s()
             record.answers += 1
@@ -508,7 +515,7 @@ def summarise(records: Sequence[FrameRecord]) -> dict[str, Any]:
         "answered_twice": sum(r.answers >= 2 for r in records),
         "lost": sum(r.answers == 0 for r in records),
         "resubmitted": sum(r.attempts > 1 for r in records),
-        "error_replies": sum(r.error_replies for r in records),
+        "error_replies": dict(Counter(code for r in records for code in r.error_replies)),
         "p50_ms": round(percentile(latencies, 50), 1),
         "p99_ms": round(percentile(latencies, 99), 1),
         "max_ms": round(max(latencies, default=0.0), 1),
@@ -571,6 +578,7 @@ def build_report(
                 "latency_ms": None if r.latency_ms is None else round(r.latency_ms, 1),
                 "answers": r.answers,
                 "attempts": r.attempts,
+                "error_replies": r.error_replies,
                 "source": r.source,
                 "served_by": r.served_by,
                 "own_outage": r.request_id in behind,
@@ -620,7 +628,9 @@ def text_report(report: dict[str, Any]) -> str:
         f"(target <= {target['added_p99_ms']:.0f} ms: {verdict}); without the frames "
         f"behind their own peer's outage: {report['added_p99_other_ms']:.0f} ms",
         f"lost: {report['phases']['all']['lost']}, answered twice: "
-        f"{report['phases']['all']['answered_twice']} (target: 0 and 0)",
+        f"{report['phases']['all']['answered_twice']} (target: 0 and 0); resubmitted: "
+        f"{report['phases']['all']['resubmitted']} frames; error replies: "
+        f"{report['phases']['all']['error_replies'] or 'none'}",
         f"kills: {len(report['kills'])} {report['victims']}; restart to ready: median "
         f"{restart['median']} s, max {restart['max']} s",
         f"machine: {report['machine']}, load average (1 min) "
