@@ -92,7 +92,13 @@ from ccied.peer.wire import (
 from ccied.peer.worker import BadTensorError, HeadResult, ModelWorker
 from ccied.pruning import DEFAULT_MODEL, MediaError, ModelError
 from ccied.pruning.bundle import open_bundle
-from ccied.pruning.planner import DEFAULT_FIDELITY_FLOOR, Link, Need, rank_variants
+from ccied.pruning.planner import (
+    DEFAULT_FIDELITY_FLOOR,
+    Link,
+    Need,
+    cache_plan,
+    rank_variants,
+)
 
 log = logging.getLogger(__name__)
 warn_once = WarnOnce(log)
@@ -105,7 +111,7 @@ DEFAULT_MAX_PENDING = 32
 # Unix socket paths are limited to 107 bytes by the kernel (sun_path).
 MAX_SOCKET_PATH_BYTES = 107
 ZAP_DOMAIN = "ccied"
-# The cache-or-not decision (PeerDaemon._use_cache): an optimistic start so a
+# The cache-or-not decision (PeerDaemon._plan_frame): an optimistic start so a
 # new cache gets to learn, a slow average, and a lookup at least every N frames.
 INITIAL_HIT_RATE = 0.5
 HIT_RATE_ALPHA = 0.2
@@ -253,7 +259,7 @@ class PeerDaemon:
         self._started = time.monotonic()
         self._pending = 0  # requests of any kind in progress (bounded by max_pending)
         self._computing = 0  # frames and tensors among them: what queues for the model
-        self._hit_rate = INITIAL_HIT_RATE  # EWMA of recent lookups (see _use_cache)
+        self._hit_rate = INITIAL_HIT_RATE  # EWMA of recent lookups (see _plan_frame)
         self._since_lookup = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -591,9 +597,8 @@ class PeerDaemon:
     async def _answer_frame(self, request: Submit) -> Message:
         """An application's frame: head here, then the cache, then the tail somewhere."""
         self.counters.submitted += 1
-        variant = self._choose_variant(request.need)
+        variant, use_cache = self._plan_frame(request.need)
         self.variant_counts[variant] += 1
-        use_cache = self._use_cache(variant)
         try:
             head = await self.worker.head(request.pixels, variant, with_cache=use_cache)
         except MediaError as exc:
@@ -631,42 +636,6 @@ class PeerDaemon:
         if feature is not None:
             self._insert_later(feature, result.label, result.confidence)
         return result
-
-    def _use_cache(self, variant: str) -> bool:
-        """Whether to compute this frame's cache key: when it costs more head time
-        than the hits it is expected to bring save, skip it.
-
-        The key costs nothing extra when the variant's split lies at or beyond
-        the cache split. Before it (an early split a slow device sends from),
-        the extra head stages are weighed against (recent hit rate) x (time a
-        miss takes to answer). Every CACHE_PROBE_EVERY-th frame looks up
-        anyway, so the hit rate stays measured and the cache keeps learning.
-        """
-        if self.cache is None:
-            return False
-        extra_ms = self.worker.reach_ms(variant, True) - self.worker.head_ms(variant)
-        if extra_ms <= 0:
-            return True
-        self._since_lookup += 1
-        if (
-            self._since_lookup >= CACHE_PROBE_EVERY
-            or self._hit_rate * self._miss_ms(variant) >= extra_ms
-        ):
-            self._since_lookup = 0
-            return True
-        self.counters.cache_skipped += 1
-        return False
-
-    def _miss_ms(self, variant: str) -> float:
-        """Expected time from the end of the head to an answer, on a miss."""
-        worker = self.worker
-        best = worker.local_rest_ms(variant, with_cache=False)
-        share = worker.tail_share(variant)
-        payload = int(worker.payload_bytes(variant))
-        for candidate in self.cluster.candidates() if self.cluster is not None else []:
-            tail = (candidate.tail_ms or worker.full_ms()) * share
-            best = min(best, dataclasses.replace(candidate, tail_ms=tail).expected_ms(payload))
-        return best
 
     def _lookup(self, tensor: np.ndarray | None) -> tuple[np.ndarray, LookupResult]:
         assert self.cache is not None and tensor is not None
@@ -804,24 +773,39 @@ class PeerDaemon:
         )
         return CacheShare(**{**message.__dict__, "request_id": request.request_id})
 
-    def _choose_variant(self, need: str) -> str:
-        """The variant for this frame: pinned, or the planner's pick for the best link."""
-        if self.config.variant is not None:
-            return self.config.variant
-        default = self.bundle.default_variant
-        if self.config.variants and default not in self.config.variants:
-            default = self.config.variants[0]
-        if self.cluster is None:
-            return default
+    def _plan_frame(self, need: str) -> tuple[str, bool]:
+        """(variant, look the cache up?) for this frame.
+
+        For each live target and each allowed variant the planner estimates the
+        time to an answer from this device's head time, the payload over the
+        measured link and the target's tail behind its queue, and with the
+        cache, whether computing the cache key pays for itself at the recent
+        hit rate (:func:`ccied.pruning.planner.cache_plan`). A pinned variant
+        keeps its variant; the cache choice is still made. Every
+        CACHE_PROBE_EVERY-th frame looks up anyway, so the hit rate stays
+        measured and the cache keeps learning while it is being skipped.
+        """
         worker = self.worker
-        names = list(self.config.variants or worker.variants)
+        if self.config.variant is not None:
+            names = [self.config.variant]
+        else:
+            names = list(self.config.variants or worker.variants)
+        default = self.config.variant or self.bundle.default_variant
+        if default not in names:
+            default = names[0]
         allowed = [self.bundle.variant(name) for name in names]
-        # With a cache the head always runs to the cache split too: count it.
-        with_cache = self.cache is not None
-        head_ms = {name: worker.reach_ms(name, with_cache) for name in names}
+        head_ms = {name: worker.head_ms(name) for name in names}
+        key_ms = self._key_ms()
         payload = {name: worker.payload_bytes(name) for name in names}
-        best: tuple[float, str] | None = None
-        for candidate in self.cluster.candidates():
+
+        def judged(name: str, miss_ms: float) -> tuple[float, bool]:
+            if self.cache is None:
+                return head_ms[name] + miss_ms, False
+            return cache_plan(head_ms[name], key_ms, miss_ms, self._hit_rate)
+
+        best: tuple[tuple[float, float], str, bool] | None = None
+        candidates = self.cluster.candidates() if self.cluster is not None else []
+        for candidate in candidates:
             remote_full = candidate.tail_ms or worker.full_ms()
             tails = {
                 name: remote_full * worker.tail_share(name) * (candidate.queue_length + 1)
@@ -836,9 +820,33 @@ class PeerDaemon:
                 Need(need),
                 self.config.fidelity_floor,
             )
-            if best is None or ranked[0].expected_ms < best[0]:
-                best = (ranked[0].expected_ms, ranked[0].variant.name)
-        return best[1] if best is not None else default
+            for rank, choice in enumerate(ranked):
+                name = choice.variant.name
+                expected, use_cache = judged(name, choice.expected_ms - head_ms[name])
+                # The ranking's order stands for the fidelity floor and an
+                # accuracy-first need; the time decides among equals.
+                below = (choice.variant.agreement or 0.0) < self.config.fidelity_floor
+                order = (float(rank) if need == Need.ACCURACY else float(below), expected)
+                if best is None or order < best[0]:
+                    best = (order, name, use_cache)
+        if best is None:  # nobody to send to: the frame finishes here
+            _, use_cache = judged(default, worker.local_rest_ms(default, with_cache=False))
+            variant = default
+        else:
+            _, variant, use_cache = best
+        if self.cache is not None and not use_cache:
+            self._since_lookup += 1
+            if self._since_lookup >= CACHE_PROBE_EVERY:
+                use_cache = True
+            else:
+                self.counters.cache_skipped += 1
+        if use_cache:
+            self._since_lookup = 0
+        return variant, use_cache
+
+    def _key_ms(self) -> float:
+        """This device's time from frame to the cache key."""
+        return sum(self.worker.stage_ms[: self.worker.cache_point.index + 1])
 
     async def _resolve_miss(self, request: Submit, head: HeadResult) -> InferResult:
         """A cache miss: the tail at the first target that answers, else our own."""

@@ -82,3 +82,22 @@ def rank_variants(
     if need is Need.ACCURACY:
         return sorted(choices, key=lambda c: (-agreement(c), c.expected_ms))
     return sorted(choices, key=lambda c: (agreement(c) < fidelity_floor, c.expected_ms))
+
+
+def cache_plan(
+    head_ms: float, key_ms: float, miss_ms: float, hit_rate: float
+) -> tuple[float, bool]:
+    """(expected ms, look the cache up?) for one variant.
+
+    ``head_ms`` is this device's time to the variant's split, ``key_ms`` its
+    time to the cache split, ``miss_ms`` the time from the payload to an answer
+    elsewhere, ``hit_rate`` the share of lookups that hit. Without the cache a
+    frame costs head + miss. With it the head stops at the cache split: a hit
+    answers there, a miss runs the rest of the head (if the variant's split is
+    later) and then goes out. On a slow device with an early split the key can
+    cost more than the hits save, and then the frame skips it.
+    """
+    without = head_ms + miss_ms
+    hit = min(1.0, max(0.0, hit_rate))
+    with_cache = key_ms + (1.0 - hit) * (max(0.0, head_ms - key_ms) + miss_ms)
+    return (with_cache, True) if with_cache <= without else (without, False)

@@ -18,7 +18,7 @@ from ccied.pruning.bundle import (
     load_bundle,
     write_bundle,
 )
-from ccied.pruning.planner import Link, Need, rank_variants
+from ccied.pruning.planner import Link, Need, cache_plan, rank_variants
 from ccied.pruning.transfer import fit_projection_from_activations
 
 
@@ -88,3 +88,18 @@ def test_the_planner_follows_the_bandwidth_and_the_need() -> None:
     assert best(0.1) == "small"
     # Accuracy first takes the most faithful, whatever the link.
     assert best(1.0, Need.ACCURACY) == "early"
+
+
+def test_the_cache_key_is_skipped_only_when_it_costs_more_than_hits_save() -> None:
+    # A Pi-class device sending an early split: the key costs 100 ms more head.
+    expected, use = cache_plan(head_ms=150, key_ms=250, miss_ms=60, hit_rate=0.4)
+    assert not use and expected == 210
+    # Same device, frames that repeat: the hits pay for the key.
+    expected, use = cache_plan(head_ms=150, key_ms=250, miss_ms=400, hit_rate=0.9)
+    assert use and expected == pytest.approx(250 + 0.1 * 400)
+    # A split past the cache key: looking up first never costs more.
+    for hit_rate in (0.0, 0.3, 1.0):
+        expected, use = cache_plan(head_ms=300, key_ms=250, miss_ms=60, hit_rate=hit_rate)
+        assert use and expected <= 300 + 60
+    # Nonsense hit rates are clamped, not trusted.
+    assert cache_plan(100, 50, 10, hit_rate=7.0) == (50, True)
