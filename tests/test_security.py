@@ -35,6 +35,8 @@ from ccied.peer.keys import (
 from ccied.peer.wire import (
     WIRE_VERSION,
     CacheShare,
+    InferRequest,
+    InferResult,
     Message,
     StatusReply,
     StatusRequest,
@@ -200,6 +202,27 @@ def test_a_peer_socket_answers_only_clients_that_prove_a_trusted_key(workdir: Pa
         assert raw_request(cloud.listen, status, (keys_of(cam).load(), wrong_server)) is None
         reply = raw_request(cloud.listen, status, (keys_of(cam).load(), server_key))
         assert isinstance(reply, StatusReply)
+        bundle, dim = reply.bundle_id, feature_dim(reply.status["cache_split"]["shape"][0])
+        # An untrusted peer can neither send a tensor nor add a cache entry.
+        intruder = (random_keypair(), server_key)
+        tensor = InferRequest(
+            request_id="t1",
+            bundle_id=bundle,
+            origin="intruder",
+            variant="blocks.11-raw",
+            encoding="raw",
+            deadline_ms=1000,
+            tensor=np.zeros((1, 192, 7, 7), np.float32),
+        )
+        assert raw_request(cloud.listen, tensor, intruder) is None
+        assert raw_request(cloud.listen, shared_entry(bundle, dim), intruder) is None
+        after = raw_request(cloud.listen, status, (keys_of(cam).load(), server_key))
+        assert isinstance(after, StatusReply)
+        assert after.status["requests"]["served_for_peers"] == 0
+        assert after.status["cache"]["entries"] == 0
+        # The same tensor from a trusted peer is served: the refusal was the key.
+        answer = raw_request(cloud.listen, tensor, (keys_of(cam).load(), server_key))
+        assert isinstance(answer, InferResult)
         assert "refused a peer with untrusted key" in cloud.log_path.read_text()  # type: ignore[union-attr]
     finally:
         cloud.stop()
@@ -340,10 +363,9 @@ def test_a_forged_announcement_of_a_trusted_key_gets_nothing(workdir: Path) -> N
         impostor.close(linger=0)
 
 
-def share_from(
-    sender: PeerProcess, receiver: PeerProcess, bundle_id: str, dim: int
-) -> Message | None:
-    message = CacheShare(
+def shared_entry(bundle_id: str, dim: int) -> CacheShare:
+    """One well-formed cache entry, as a neighbour would share it."""
+    return CacheShare(
         request_id=uuid.uuid4().hex,
         bundle_id=bundle_id,
         origins=["forged"],
@@ -351,8 +373,13 @@ def share_from(
         confidences=[0.99],
         features=np.full((1, dim), 1 / np.sqrt(dim), np.float32),
     )
+
+
+def share_from(
+    sender: PeerProcess, receiver: PeerProcess, bundle_id: str, dim: int
+) -> Message | None:
     keys = (keys_of(sender).load(), keys_of(receiver).load().public)
-    return raw_request(receiver.listen, message, keys)
+    return raw_request(receiver.listen, shared_entry(bundle_id, dim), keys)
 
 
 def test_a_peer_can_take_shared_cache_entries_from_its_cloud_only(workdir: Path) -> None:
