@@ -504,6 +504,10 @@ class PeerDaemon:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            # Let the new task start before the next message: with many queued,
+            # cheap requests (an error reply, a status) finish and free their
+            # slot instead of the loop filling the queue and answering BUSY.
+            await asyncio.sleep(0)
 
     async def _reply_error(
         self,

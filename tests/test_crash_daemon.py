@@ -92,7 +92,14 @@ def test_sigkill_during_cache_inserts_loses_no_acknowledged_entry(workdir: Path)
             role="edge",
             listen=address,
             socket_path=workdir / "crash1.sock",
-            extra_args=["--cache-dir", str(cache_dir), "--no-share-cache"],
+            # Room for every entry of a long run: eviction is not loss.
+            extra_args=[
+                "--cache-dir",
+                str(cache_dir),
+                "--no-share-cache",
+                "--cache-capacity",
+                "200000",
+            ],
             log_path=workdir / "crash1.log",
         )
 
