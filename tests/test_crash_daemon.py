@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from ccied.bench.cluster import PeerProcess, free_tcp_port
+from ccied.bench.cluster import PeerProcess, dealer, free_tcp_port
 from ccied.cache import feature_dim
 from ccied.peer.client import Client
 from ccied.peer.keys import Keypair
@@ -47,12 +47,8 @@ def feeder(
 ) -> None:
     """Send batches of random unit features (each far from the others) until stopped."""
     rng = np.random.default_rng(seed)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock = dealer(keys)
     sock.setsockopt(zmq.SNDHWM, 4)
-    sock.curve_secretkey = keys[0].secret.encode()
-    sock.curve_publickey = keys[0].public.encode()
-    sock.curve_serverkey = keys[1].encode()
     sock.connect(address)
     try:
         while not stop.is_set():

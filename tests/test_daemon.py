@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from ccied.bench.cluster import PeerProcess, free_tcp_port
+from ccied.bench.cluster import PeerProcess, dealer, free_tcp_port
 from ccied.peer.client import Client
 from ccied.peer.errors import RequestFailedError
 from ccied.peer.keys import Keypair
@@ -91,13 +91,7 @@ def exchange(
     ``keys`` (our keypair, the server's public key) makes it a CURVE client,
     as a peer socket requires.
     """
-    context = zmq.Context.instance()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if keys is not None:
-        sock.curve_secretkey = keys[0].secret.encode()
-        sock.curve_publickey = keys[0].public.encode()
-        sock.curve_serverkey = keys[1].encode()
+    sock = dealer(keys)
     try:
         sock.connect(address)
         sock.send_multipart(frames)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from ccied.bench.cluster import PeerProcess, free_tcp_port
+from ccied.bench.cluster import PeerProcess, dealer, free_tcp_port
 from ccied.cache import feature_dim
 from ccied.discovery import Advertisement, MdnsConfig, MdnsDiscovery, NeighbourTable
 from ccied.peer.cli import main as cli_main
@@ -162,12 +162,7 @@ def raw_request(
     address: str, message: Message, keys: tuple[Keypair, str] | None, timeout_ms: int = 3000
 ) -> Message | None:
     """One request over a fresh DEALER; None when nothing comes back in time."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if keys is not None:
-        sock.curve_secretkey = keys[0].secret.encode()
-        sock.curve_publickey = keys[0].public.encode()
-        sock.curve_serverkey = keys[1].encode()
+    sock = dealer(keys)
     try:
         sock.connect(address)
         sock.send_multipart(encode(message))
