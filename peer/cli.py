@@ -437,6 +437,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"neighbour {n['name']} ({n['role']}) {n['address']}  rtt {n['rtt_ms']:.1f} ms  "
             f"{bandwidth}  load {n['load']:.2f}  seen {n['last_seen_s']:.1f} s ago"
         )
+    security = status.get("security", {})
+    if security.get("mode") == "curve":
+        print(
+            f"security curve  key {security['public_key']}  trusted {security['trusted_keys']}"
+            f"  state {security['state_dir']}  shared entries from "
+            f"{security['accept_shared_from']}"
+        )
+    else:
+        print("security INSECURE (--insecure): no authentication, no encryption")
+    # Why a configured or discovered peer is not a neighbour, when keys are the reason.
+    for link in status.get("cluster", {}).get("links", []):
+        if link.get("handshake_error") and not link.get("connected"):
+            print(f"link     {link['address']}: {link['handshake_error']}")
     return 0
 
 

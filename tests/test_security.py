@@ -256,7 +256,7 @@ def test_untrusted_peers_get_nothing_until_trusted_then_connect_without_restart(
 
 
 def test_a_pinned_key_must_match_and_insecure_peers_do_not_mix_with_secure_ones(
-    workdir: Path,
+    workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cloud = peer(workdir, "cloud3", "cloud")
     good = peer(workdir, "cam3", "edge")
@@ -284,6 +284,13 @@ def test_a_pinned_key_must_match_and_insecure_peers_do_not_mix_with_secure_ones(
         with Client(wrong.socket_path) as client:
             (link,) = client.status()["cluster"]["links"]
         assert link["secure"] is True and not link["connected"] and link["handshake_error"]
+        # What a user sees in `ccied status`: the mode, and why the link is down.
+        capsys.readouterr()
+        assert cli_main(["status", "--socket", str(wrong.socket_path)]) == 0
+        shown = capsys.readouterr().out
+        assert "security curve" in shown and "handshake failed" in shown
+        assert cli_main(["status", "--socket", str(plain.socket_path)]) == 0
+        assert "INSECURE" in capsys.readouterr().out
         assert "insecure" in plain.log_path.read_text().lower()  # type: ignore[union-attr]
     finally:
         for p in reversed(everyone):
