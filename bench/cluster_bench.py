@@ -342,7 +342,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.set_title(f"devices {slowdown:g}x slower than this machine")
         axis.legend(fontsize=8)
     axis = axes[-1]
-    last = report["settings"][-1]
+    # The setting where the shared cache hit most: where its learning shows.
+    last = max(
+        report["settings"],
+        key=lambda s: s["strategies"].get("ccied_shared_cache", {}).get("hit_rate", 0.0),
+    )
     for name in ("ccied_local_cache", "ccied_shared_cache"):
         if name not in last["strategies"]:
             continue
