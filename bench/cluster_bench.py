@@ -298,22 +298,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# A baseline "keeps the answers" at this fidelity to the full model (the issue's
+# 0.99); cloud-only's JPEG usually does not, so both comparisons are shown.
+FAITHFUL = 0.99
+
+
 def markdown_table(report: dict[str, Any]) -> str:
+    """Every setting and strategy, with each latency against the fastest baseline
+    and against the fastest baseline whose fidelity is at least FAITHFUL."""
     lines = [
         "| Mbit/s | slowdown | strategy | mean ms | p95 ms | hit rate | fidelity | bytes/frame "
-        "| x best baseline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| x best baseline | x best baseline with fidelity >= {FAITHFUL} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting in report["settings"]:
         rows = setting["strategies"]
-        baselines = [rows[s]["mean_ms"] for s in rows if not s.startswith("ccied")]
-        best = min(baselines) if baselines else None
+        baselines = {s: r for s, r in rows.items() if not s.startswith("ccied")}
+        best = min((r["mean_ms"] for r in baselines.values()), default=None)
+        faithful = min(
+            (r["mean_ms"] for r in baselines.values() if r["fidelity"] >= FAITHFUL), default=None
+        )
         for name, row in rows.items():
             ratio = f"{row['mean_ms'] / best:.2f}" if best else "-"
+            ratio_faithful = f"{row['mean_ms'] / faithful:.2f}" if faithful else "-"
             lines.append(
                 f"| {setting['bandwidth_mbps']:g} | {setting['device_slowdown']:g} | {name} | "
                 f"{row['mean_ms']:.0f} | {row['p95_ms']:.0f} | {row['hit_rate']:.2f} | "
-                f"{row['fidelity']:.3f} | {row['bytes_per_frame']:.0f} | {ratio} |"
+                f"{row['fidelity']:.3f} | {row['bytes_per_frame']:.0f} | {ratio} | "
+                f"{ratio_faithful} |"
             )
     return "\n".join(lines)
 
