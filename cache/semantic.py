@@ -80,9 +80,12 @@ class LookupResult:
     label: int
     distance: float
     votes: dict[int, int]
-    entry_id: int  # the nearest entry (the one to forget if the answer was wrong); -1 if none
-    confidence: float  # of the nearest entry's original answer
+    entry_id: int  # the entry that answered (to forget if it was wrong), else the nearest; -1
+    confidence: float  # of that entry's original answer
     exact: bool
+    reason: str = ""  # why it missed (ccied.cache.policy.MissReason), "" on a hit
+    inconclusive: bool = False  # a miss with an entry inside the vote radius: look deeper
+    origin: str = ""  # the peer that made the answering (or nearest) entry
 
 
 class _ReadWriteLock:
@@ -131,6 +134,8 @@ class SemanticCache:
         if config.dim < 1 or config.capacity < 1:
             raise ValueError(f"invalid cache config {config}")
         self.config = config
+        # The rule in force: the configured one until an audit tightens it.
+        self.rule = config.rule
         self._store = store
         self._lock = _ReadWriteLock()
         self._stats_lock = threading.Lock()
@@ -282,7 +287,7 @@ class SemanticCache:
     def lookup(self, feature: np.ndarray) -> LookupResult:
         """The cache's answer for this feature, or a miss."""
         query = self.check_feature(feature)[None]
-        rule = self.config.rule
+        rule = self.rule
         with self._lock.read():
             if not self._entries:
                 distances_sq, ids = np.empty((1, 0)), np.empty((1, 0), dtype=np.int64)
@@ -293,7 +298,12 @@ class SemanticCache:
                 for d, i in zip(distances_sq[0], ids[0], strict=True)
                 if int(i) in self._entries
             ]
-            decision = decide([d for d, _ in found], [e.label for _, e in found], rule)
+            decision = decide(
+                [d for d, _ in found],
+                [e.label for _, e in found],
+                rule,
+                [e.confidence for _, e in found],
+            )
             # Still under the read lock, so no writer iterates the entries while
             # the recency order changes; the stats lock orders the readers.
             with self._stats_lock:
@@ -306,10 +316,12 @@ class SemanticCache:
                             self._entries.move_to_end(entry.entry_id)
                 else:
                     self.misses += 1
-        # On a hit, the closest entry that voted for the answer: the one a user
-        # forgets when the answer was wrong (an outvoted nearest entry did not answer).
-        voters = [e for _, e in found if e.label == decision.label] if decision.hit else []
-        nearest = voters[0] if voters else (found[0][1] if found else None)
+        # On a hit, the entry that answered: the one to forget when the answer
+        # was wrong (a closer entry under the answer floor did not answer).
+        if decision.hit and decision.answerer >= 0:
+            nearest: Entry | None = found[decision.answerer][1]
+        else:
+            nearest = found[0][1] if found else None
         return LookupResult(
             hit=decision.hit,
             label=decision.label,
@@ -318,6 +330,9 @@ class SemanticCache:
             entry_id=nearest.entry_id if nearest else -1,
             confidence=nearest.confidence if nearest else 0.0,
             exact=decision.exact,
+            reason=decision.reason,
+            inconclusive=decision.inconclusive,
+            origin=nearest.origin if nearest else "",
         )
 
     def insert(
@@ -337,7 +352,7 @@ class SemanticCache:
             return None
         if not (0.0 <= confidence <= 1.0) or label < 0:
             raise BadFeatureError(f"invalid label {label} or confidence {confidence}")
-        if confidence < self.config.rule.min_insert_confidence:
+        if confidence < self.rule.min_insert_confidence:
             self.refused += 1
             return None
         with self._lock.write():
@@ -346,7 +361,7 @@ class SemanticCache:
                 nearest = int(ids[0][0])
                 if (
                     nearest in self._entries
-                    and math.sqrt(max(0.0, float(distances_sq[0][0]))) <= self.config.rule.exact_l2
+                    and math.sqrt(max(0.0, float(distances_sq[0][0]))) <= self.rule.exact_l2
                     and self._entries[nearest].label == label
                 ):
                     self._entries.move_to_end(nearest)
@@ -393,9 +408,20 @@ class SemanticCache:
         return len(present)
 
     def forget(self, entry_id: int) -> bool:
-        """Drop one entry (a wrong answer a user spotted); True if it existed."""
+        """Drop one entry (a wrong answer a user or the audit spotted); True if it existed."""
         with self._lock.write():
             return self._remove([entry_id], persist=True) == 1
+
+    def forget_origin(self, origin: str) -> int:
+        """Drop every entry made by ``origin`` (a peer whose entries proved wrong)."""
+        with self._lock.write():
+            ids = [i for i, e in self._entries.items() if e.origin == origin]
+            return self._remove(ids, persist=True)
+
+    def set_rule(self, rule: HitRule) -> None:
+        """Replace the rule in force (the audit tightens it after a wrong hit)."""
+        with self._lock.write():
+            self.rule = rule
 
     def clear(self) -> int:
         """Drop every entry; returns how many there were."""
@@ -469,7 +495,7 @@ class SemanticCache:
 
     def stats(self) -> dict[str, Any]:
         lookups = self.hits + self.misses
-        rule = self.config.rule
+        rule = self.rule
         return {
             "entries": len(self._entries),
             "hits": self.hits,
@@ -486,6 +512,8 @@ class SemanticCache:
                 "threshold_l2": rule.threshold_l2,
                 "vote_margin": rule.vote_margin,
                 "k": rule.k,
+                "answer_floor": rule.answer_floor,
+                "vote_radius_l2": rule.vote_radius_l2,
                 "min_insert_confidence": rule.min_insert_confidence,
             },
         }

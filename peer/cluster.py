@@ -66,6 +66,8 @@ class ClusterConfig:
     # Server keys given with a static address (KEY@tcp://...), by address.
     static_keys: tuple[tuple[str, str], ...] = ()
     share_cache: bool = True
+    # The cache's key depths, cheapest first (what a sync asks for).
+    cache_depths: tuple[str, ...] = ()
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
     share_interval_s: float = DEFAULT_SHARE_INTERVAL_S
@@ -87,6 +89,7 @@ class SharedEntry:
     label: int
     confidence: float
     origin: str
+    depth: str = ""  # the key depth of ``feature``
 
 
 class Cluster:
@@ -410,27 +413,34 @@ class Cluster:
             while self._outbox and len(batch) < min(MAX_SHARED_ENTRIES, int(tokens)):
                 batch.append(self._outbox.popleft())
             tokens -= len(batch)
-            message = share_message(batch, self.config.bundle_id)
-            results = await asyncio.gather(
-                *(
-                    self.send(n.address, message, self.config.heartbeat_timeout_s)
-                    for n in neighbours
+            # One message per key depth: a message carries one (N, dim) tensor.
+            by_depth: dict[str, list[SharedEntry]] = {}
+            for entry in batch:
+                by_depth.setdefault(entry.depth, []).append(entry)
+            for depth, entries in by_depth.items():
+                message = share_message(entries, self.config.bundle_id, depth)
+                results = await asyncio.gather(
+                    *(
+                        self.send(n.address, message, self.config.heartbeat_timeout_s)
+                        for n in neighbours
+                    )
                 )
-            )
-            self.shared_out += len(batch) * sum(r.error is None for r in results)
+                self.shared_out += len(entries) * sum(r.error is None for r in results)
 
     async def _sync_from(self, name: str, address: str) -> None:
-        """Ask a neighbour that just came up for its hottest entries."""
-        request = CacheSync(
-            request_id=uuid.uuid4().hex,
-            bundle_id=self.config.bundle_id,
-            max_entries=MAX_SHARED_ENTRIES,
-        )
-        exchange = await self.send(address, request, self.config.heartbeat_timeout_s * 5)
-        if isinstance(exchange.reply, CacheShare):
-            accepted = self._on_entries(exchange.reply, name, self.key_of(address) or "")
-            self.shared_in += accepted
-            log.info("received %d cache entries from %s", accepted, name)
+        """Ask a neighbour that just came up for its hottest entries, at every key depth."""
+        for depth in self.config.cache_depths or ("",):
+            request = CacheSync(
+                request_id=uuid.uuid4().hex,
+                bundle_id=self.config.bundle_id,
+                max_entries=MAX_SHARED_ENTRIES,
+                depth=depth,
+            )
+            exchange = await self.send(address, request, self.config.heartbeat_timeout_s * 5)
+            if isinstance(exchange.reply, CacheShare):
+                # on_entries counts them in shared_in (counting here too doubled them).
+                accepted = self._on_entries(exchange.reply, name, self.key_of(address) or "")
+                log.info("received %d cache entries (%s) from %s", accepted, depth or "-", name)
 
     # -- status -----------------------------------------------------------------
 
@@ -454,9 +464,10 @@ class Cluster:
                 await task
 
 
-def share_message(entries: list[SharedEntry], bundle_id: str) -> CacheShare:
-    """A CacheShare message carrying ``entries`` (at most MAX_SHARED_ENTRIES)."""
+def share_message(entries: list[SharedEntry], bundle_id: str, depth: str = "") -> CacheShare:
+    """A CacheShare message carrying ``entries`` of one key depth (at most MAX_SHARED_ENTRIES)."""
     return CacheShare(
+        depth=depth,
         request_id=uuid.uuid4().hex,
         bundle_id=bundle_id,
         origins=[e.origin for e in entries],

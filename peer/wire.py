@@ -126,6 +126,9 @@ class InferResult:
     cache_distance: float = -1.0  # its feature distance, else -1
     variant: str = ""  # the bundle variant that crossed the network (or would have)
     bundle_id: str = ""
+    cache_depth: str = ""  # the key depth that answered (source cache), else ""
+    # Why the cache did not answer (a ccied.cache.MissReason), "" on a hit or without a cache.
+    cache_reason: str = ""
 
 
 class CacheOp(StrEnum):
@@ -177,6 +180,9 @@ class CacheShare:
     labels: list[int]
     confidences: list[float]
     features: np.ndarray
+    # The key depth of the features ("thumb16", "blocks.4"); "" from older
+    # peers: the receiver matches the feature dimension.
+    depth: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +193,7 @@ class CacheSync:
     request_id: str
     bundle_id: str
     max_entries: int
+    depth: str = ""  # the key depth wanted ("": the sender's first)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,6 +281,8 @@ class MsgpackCodec:
                     "cache_entry": int(message.cache_entry),
                     "cache_distance": float(message.cache_distance),
                     "variant": message.variant,
+                    "cache_depth": message.cache_depth,
+                    "cache_reason": message.cache_reason,
                 }
             case ErrorReply():
                 body = {"code": str(message.code), "message": message.message}
@@ -297,10 +306,11 @@ class MsgpackCodec:
                     "origins": list(message.origins),
                     "labels": [int(x) for x in message.labels],
                     "confidences": [float(x) for x in message.confidences],
+                    "depth": message.depth,
                 }
                 tensors = [message.features]
             case CacheSync():
-                body = {"max": int(message.max_entries)}
+                body = {"max": int(message.max_entries), "depth": message.depth}
         descriptors = []
         buffers = []
         for tensor in tensors:
@@ -470,6 +480,10 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
         value: str = _get(body, key, str, request_id)
         return value
 
+    def optional_text(key: str) -> str:
+        # Fields added after wire version 1 shipped: absent from older peers.
+        return text(key) if key in body else ""
+
     def number(key: str) -> float:
         return _finite(_get(body, key, (int, float), request_id), key, request_id)
 
@@ -519,6 +533,8 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
                 cache_entry=_get(body, "cache_entry", int, request_id),
                 cache_distance=number("cache_distance"),
                 variant=text("variant"),
+                cache_depth=optional_text("cache_depth"),
+                cache_reason=optional_text("cache_reason"),
             )
         case MessageType.ERROR:
             try:
@@ -581,9 +597,15 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
                 labels=labels,
                 confidences=[float(x) for x in confidences],
                 features=features,
+                depth=optional_text("depth"),
             )
         case MessageType.CACHE_SYNC:
-            return CacheSync(request_id=request_id, bundle_id=bundle_id, max_entries=count("max"))
+            return CacheSync(
+                request_id=request_id,
+                bundle_id=bundle_id,
+                max_entries=count("max"),
+                depth=optional_text("depth"),
+            )
         case MessageType.STATUS_REPLY:
             return StatusReply(
                 request_id=request_id,

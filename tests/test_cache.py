@@ -30,6 +30,7 @@ from ccied.cache import (
     CacheStore,
     Eviction,
     HitRule,
+    MissReason,
     SemanticCache,
     calibrate,
     decide,
@@ -100,11 +101,40 @@ def test_one_close_entry_without_support_does_not_answer() -> None:
     assert decision.hit and decision.label == 7 and not decision.exact
 
 
-def test_an_outlier_nearest_entry_is_outvoted() -> None:
+def test_a_closer_entry_that_disagrees_vetoes_the_hit() -> None:
+    # Three entries say 8, but the closest says 3: the frame may be 3's, so no answer.
     decision = decide([0.02, 0.1, 0.12, 0.15], [3, 8, 8, 8], RULE)
-    assert decision.hit and decision.label == 8
-    # A split vote (margin under 2) answers nothing.
+    assert not decision.hit and decision.reason == MissReason.DISAGREE
+    assert decision.inconclusive  # a deeper key may settle it
+    # A split vote (margin under 2) answers nothing either.
     assert not decide([0.02, 0.1, 0.12, 0.15], [3, 3, 8, 8], RULE).hit
+
+
+def test_only_a_decisive_entry_answers_and_an_unsure_one_can_veto() -> None:
+    rule = HitRule(threshold_l2=0.3, vote_margin=1, answer_floor=0.5)
+    # The only close entry was a guess (0.3): it never answers.
+    decision = decide([0.01, 0.5], [4, 4], rule, [0.3, 0.9])
+    assert not decision.hit and decision.reason == MissReason.NOT_DECISIVE
+    # A sure entry answers; an unsure one closer with another label vetoes it.
+    assert decide([0.02], [4], rule, [0.95]).hit
+    vetoed = decide([0.01, 0.02], [7, 4], rule, [0.3, 0.95])
+    assert not vetoed.hit and vetoed.reason == MissReason.DISAGREE
+
+
+def test_an_entry_reaches_further_the_surer_it_was() -> None:
+    rule = HitRule(threshold_l2=0.4, vote_margin=1, answer_floor=0.5)
+    # Reach = 0.4 * (c - 0.5) / 0.5: 0.36 at 0.95, 0.04 at 0.55.
+    assert rule.reach_l2(0.95) == pytest.approx(0.36)
+    assert decide([0.2], [4], rule, [0.95]).hit
+    barely = decide([0.2], [4], rule, [0.55])
+    assert not barely.hit and barely.reason == MissReason.NOT_DECISIVE
+    assert decide([0.03], [4], rule, [0.55]).hit
+
+
+def test_an_exact_repeat_answers_whatever_its_confidence() -> None:
+    rule = HitRule(threshold_l2=0.3, answer_floor=0.5)
+    decision = decide([0.0], [9], rule, [0.1])
+    assert decision.hit and decision.exact and decision.label == 9
 
 
 def test_far_entries_do_not_outvote_the_only_close_one() -> None:
@@ -115,7 +145,9 @@ def test_far_entries_do_not_outvote_the_only_close_one() -> None:
 def test_a_far_nearest_entry_misses_whatever_the_votes() -> None:
     decision = decide([0.5, 0.51, 0.52], [4, 4, 4], RULE)
     assert not decision.hit and decision.label == -1
-    assert not decide([], [], RULE).hit
+    assert decision.reason == MissReason.FAR and not decision.inconclusive
+    empty = decide([], [], RULE)
+    assert not empty.hit and empty.reason == MissReason.EMPTY
 
 
 # -- SemanticCache in memory ----------------------------------------------------
@@ -138,17 +170,20 @@ def test_insert_then_lookup_answers_from_the_neighbours() -> None:
     assert stats["hit_rate"] == pytest.approx(0.8)
 
 
-def test_a_hit_names_an_entry_that_voted_for_the_answer() -> None:
-    # The nearest entry is an outlier with another label: the entry to forget
-    # after a wrong answer is one of the voters, not the outvoted outlier.
-    cache = new_cache()
+def test_a_hit_names_the_entry_that_answered() -> None:
+    # The nearest entry agrees but was unsure: the entry to forget after a
+    # wrong answer is the sure one that answered, with its origin.
+    cache = new_cache(rule=HitRule(threshold_l2=0.3, vote_margin=2, answer_floor=0.5))
     base = random_features(1, seed=3)[0]
-    outlier = cache.insert(near(base, 0.01, 1), 5, 0.3, "test", BUNDLE)
-    voters = [cache.insert(near(base, 0.08, s), 9, 0.8, "test", BUNDLE) for s in (2, 3, 4)]
+    unsure = cache.insert(near(base, 0.01, 1), 9, 0.3, "cam0", BUNDLE)
+    sure = [
+        cache.insert(near(base, d, s), 9, 0.99, f"cam{s}", BUNDLE)
+        for s, d in ((2, 0.04), (4, 0.15))
+    ]
     result = cache.lookup(base)
     assert result.hit and result.label == 9
-    assert result.entry_id in voters and result.entry_id != outlier
-    assert result.confidence == pytest.approx(0.8)
+    assert result.entry_id == sure[0] and result.entry_id != unsure
+    assert result.confidence == pytest.approx(0.99) and result.origin == "cam2"
 
 
 @pytest.mark.parametrize(

