@@ -250,8 +250,9 @@ def model_stream(
 ) -> Stream:
     """Keys at every depth and the full model's answer for each frame (real EfficientNet)."""
     import torch
+    from ccied.cache.keys import THUMBNAIL_SIDE
     from ccied.pruning import load_model
-    from ccied.pruning.media import center_crop, normalize
+    from ccied.pruning.media import center_crop, normalize, thumbnail
 
     model = _model(load_model)
     spec = model.spec
@@ -260,8 +261,9 @@ def model_stream(
     labels, confidences = [], []
     for frame in tqdm(frames, desc=f"model {name}", disable=not progress, leave=False):
         crop = center_crop(frame.pixels, spec.input_size)
+        small = thumbnail(frame.pixels, spec.input_size, THUMBNAIL_SIDE)
         try:
-            keys[THUMBNAIL_KEY].append(thumbnail_feature(crop))
+            keys[THUMBNAIL_KEY].append(thumbnail_feature(small))
         except BadFeatureError:
             keys[THUMBNAIL_KEY].append(np.full(768, np.nan, dtype=np.float32))
         x = normalize(crop, spec)

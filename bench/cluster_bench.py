@@ -88,16 +88,24 @@ def make_streams(cameras: int, every: int, per_clip: int) -> list[Stream]:
     return streams[:cameras]
 
 
-def reference_labels(streams: Sequence[Stream]) -> dict[str, int]:
+def reference_labels(streams: Sequence[Any]) -> dict[str, int]:
     """The full float32 model's answer on every frame (the fidelity reference)."""
+    return {name: label for name, (label, _) in reference_answers(streams).items()}
+
+
+def reference_answers(streams: Sequence[Any]) -> dict[str, tuple[int, float]]:
+    """The full float32 model's (label, top-1 probability) on every frame of ``streams``
+    (anything with ``frames``: (name, pixels) pairs)."""
     model = load_model()
-    labels: dict[str, int] = {}
+    answers: dict[str, tuple[int, float]] = {}
     with torch.inference_mode():
         for stream in streams:
             for name, pixels in stream.frames:
-                if name not in labels:
-                    labels[name] = int(model.full()(preprocess(pixels, model.spec)).argmax())
-    return labels
+                if name not in answers:
+                    logits = model.full()(preprocess(pixels, model.spec))
+                    probabilities = torch.softmax(logits, dim=1)[0]
+                    answers[name] = (int(probabilities.argmax()), float(probabilities.max()))
+    return answers
 
 
 def run_strategy(

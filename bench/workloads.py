@@ -100,3 +100,41 @@ def near_view(frame: Frame, shift_px: int, gain: float = 1.0, suffix: str = "'")
     if gain != 1.0:
         pixels = np.clip(pixels.astype(np.float32) * gain, 0, 255).astype(np.uint8)
     return Frame(frame.name + suffix, np.ascontiguousarray(pixels))
+
+
+@dataclass(frozen=True)
+class CameraStream:
+    """One camera's frames in order, and the kind of workload it stands for."""
+
+    camera: str
+    workload: str  # static | overlap | revisit | moving
+    frames: list[tuple[str, np.ndarray]]
+
+
+def demo_streams(every: int, per_clip: int, pan_steps: int = PAN_STEPS) -> list[CameraStream]:
+    """What a user of a camera cluster has (``ccied demo``):
+
+    * cam1, a **fixed** camera: carphone_pristine.mp4 (a man in a car);
+    * cam2 and cam3, **two cameras on one scene** seeing *near* frames, never
+      the same ones: bigbuckbunny.mp4 sampled every ``every`` frames, cam3
+      half a sampling step later than cam2;
+    * cam4, a camera **passing the same places again**: pans over the bundled
+      photos, then the same pans 3 pixels over and 6% brighter.
+    """
+    from ccied.pruning import find_clip, iter_frames
+
+    def clip(name: str, offset: int = 0) -> list[tuple[str, np.ndarray]]:
+        frames = iter_frames(find_clip(name), every=1)
+        picked = [(f.name, f.pixels) for i, f in enumerate(frames) if i % every == offset]
+        return picked[:per_clip]
+
+    half = max(1, every // 2)
+    first = photo_pans(steps=pan_steps)
+    again = photo_pans(second_pass(), steps=pan_steps)
+    revisit = [(f.name, f.pixels) for f in first] + [(f"{f.name}'", f.pixels) for f in again]
+    return [
+        CameraStream("cam1", "static", clip("carphone_pristine.mp4")),
+        CameraStream("cam2", "overlap", clip("bigbuckbunny.mp4")),
+        CameraStream("cam3", "overlap", clip("bigbuckbunny.mp4", half)),
+        CameraStream("cam4", "revisit", revisit[: 2 * per_clip]),
+    ]

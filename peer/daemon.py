@@ -26,7 +26,6 @@ import socket
 import stat
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -37,15 +36,17 @@ import zmq
 import zmq.asyncio
 import zmq.auth.asyncio
 from ccied.cache import (
+    DEFAULT_AUDIT_RATE,
+    THUMBNAIL_KEY,
+    Audit,
     BadFeatureError,
-    CacheConfig,
     CacheError,
-    CacheStore,
-    HitRule,
+    KeyDepth,
     LookupResult,
-    SemanticCache,
+    MissReason,
     feature_dim,
     feature_from_tensor,
+    thumbnail_dim,
 )
 from ccied.cache.semantic import DEFAULT_CAPACITY
 from ccied.discovery import (
@@ -66,6 +67,7 @@ from ccied.peer.keys import (
     split_keyed_address,
 )
 from ccied.peer.logutil import WarnOnce
+from ccied.peer.peer_cache import NewEntry, PeerCache, rule_for
 from ccied.peer.routing import Candidate, TargetKind, plan
 from ccied.peer.transport import EmulatedLink
 from ccied.peer.wire import (
@@ -89,7 +91,7 @@ from ccied.peer.wire import (
     Submit,
     WireCodec,
 )
-from ccied.peer.worker import BadTensorError, HeadResult, ModelWorker
+from ccied.peer.worker import BadTensorError, HeadResult, ModelWorker, Prepared
 from ccied.pruning import DEFAULT_MODEL, MediaError, ModelError
 from ccied.pruning.bundle import open_bundle
 from ccied.pruning.planner import (
@@ -111,11 +113,15 @@ DEFAULT_MAX_PENDING = 32
 # Unix socket paths are limited to 107 bytes by the kernel (sun_path).
 MAX_SOCKET_PATH_BYTES = 107
 ZAP_DOMAIN = "ccied"
-# The cache-or-not decision (PeerDaemon._plan_frame): an optimistic start so a
-# new cache gets to learn, a slow average, and a lookup at least every N frames.
+# The deeper-key-or-not decision (PeerDaemon._plan_frame): an optimistic start so
+# a new cache gets to learn, a slow average, and a lookup at least every N
+# inconclusive frames. The thumbnail key is always looked up: it costs a crop
+# and a 768-value mean (about 0.1 ms here), less than any stage.
 INITIAL_HIT_RATE = 0.5
 HIT_RATE_ALPHA = 0.2
 CACHE_PROBE_EVERY = 8
+# Audits under way at once: more waiting would only delay the frames behind them.
+MAX_PENDING_AUDITS = 2
 SHARED_FROM = ("trusted", "cloud", "none")
 
 
@@ -163,8 +169,11 @@ class PeerConfig:
     # Entries persist under cache_dir/<bundle id>/ (None: in memory only).
     cache_dir: Path | None = None
     cache_capacity: int = DEFAULT_CAPACITY
-    # Hit-rule fields to override (the bundle's calibrated rule, else the defaults).
-    cache_rule_overrides: dict[str, float] = field(default_factory=dict)
+    # Hit-rule fields to override, by key depth ("*": every depth); over the
+    # bundle's calibrated rules, else the defaults.
+    cache_rule_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Share of cache hits re-checked by the full model off the critical path.
+    audit_rate: float = DEFAULT_AUDIT_RATE
     share_cache: bool = True
     discovery: bool = True
     # mDNS on this interface only (None: the interfaces the listen address implies).
@@ -206,6 +215,8 @@ class PeerDaemon:
             raise PeerError("max_pending must be at least 1")
         if config.remote_timeout_s <= 0:
             raise PeerError("remote_timeout_s must be positive")
+        if not 0.0 <= config.audit_rate <= 1.0:
+            raise PeerError(f"audit_rate must be in [0, 1], got {config.audit_rate}")
         if config.accept_shared_from not in SHARED_FROM:
             raise PeerError(f"accept_shared_from must be one of {', '.join(SHARED_FROM)}")
         if config.accept_shared_from == "cloud" and (config.insecure or not config.cloud):
@@ -253,14 +264,16 @@ class PeerDaemon:
         self.bundle_id = self.bundle.bundle_id
         self.variant_counts: dict[str, int] = dict.fromkeys(self.worker.variants, 0)
         self.cache = self._open_cache() if config.cache_enabled else None
-        # Cache writes (and their fsync) stay off the model thread and the loop.
-        self._cache_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccied-cache")
         self.counters = Counters()
         self._started = time.monotonic()
         self._pending = 0  # requests of any kind in progress (bounded by max_pending)
         self._computing = 0  # frames and tensors among them: what queues for the model
         self._hit_rate = INITIAL_HIT_RATE  # EWMA of recent lookups (see _plan_frame)
         self._since_lookup = 0
+        # Which proved key delivered each origin's shared entries, and the keys
+        # whose entries the audit refused (by origin, then by key).
+        self._origin_keys: dict[str, str] = {}
+        self._refused_keys: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._context: zmq.asyncio.Context | None = None
@@ -272,31 +285,37 @@ class PeerDaemon:
         self.cluster: Cluster | None = None
         self.discovery: MdnsDiscovery | None = None
 
-    def _cache_rule(self) -> HitRule:
-        calibrated = self.bundle.cache_rule or {}
-        fields = {f.name for f in dataclasses.fields(HitRule)}
-        values = {k: v for k, v in calibrated.items() if k in fields}
-        values.update(self.config.cache_rule_overrides)
-        try:
-            return HitRule(**values)  # type: ignore[arg-type]
-        except (TypeError, ValueError) as exc:
-            raise PeerError(f"invalid cache rule {values}: {exc}") from exc
+    def _key_depths(self) -> list[KeyDepth]:
+        point = self.worker.cache_point
+        return [
+            KeyDepth(THUMBNAIL_KEY, thumbnail_dim(), -1),
+            KeyDepth(point.name, feature_dim(point.output_shape[0]), point.index),
+        ]
 
-    def _open_cache(self) -> SemanticCache:
-        config = CacheConfig(
-            dim=feature_dim(self.worker.cache_point.output_shape[0]),
-            bundle_id=self.bundle_id,
-            capacity=self.config.cache_capacity,
-            rule=self._cache_rule(),
+    def _open_cache(self) -> PeerCache:
+        depths = self._key_depths()
+        overrides = self.config.cache_rule_overrides
+        rules = {
+            d.name: rule_for(
+                d.name,
+                self.bundle.cache_rules,
+                {
+                    **overrides.get("*", {}),
+                    **overrides.get("model" if d.needs_model else "thumb", {}),
+                    **overrides.get(d.name, {}),
+                },
+            )
+            for d in depths
+        }
+        return PeerCache(
+            depths,
+            rules,
+            self.bundle_id,
+            self.config.name,
+            self.config.cache_capacity,
+            Audit(rate=self.config.audit_rate, own_name=self.config.name),
+            self.config.cache_dir,
         )
-        store = None
-        if self.config.cache_dir is not None:
-            try:
-                folder = self.config.cache_dir / self.bundle_id
-                store = CacheStore(folder, self.bundle_id, config.dim)
-            except CacheError as exc:
-                raise PeerError(str(exc)) from exc
-        return SemanticCache(config, store)
 
     # -- life cycle -------------------------------------------------------------
 
@@ -322,6 +341,7 @@ class PeerDaemon:
                     static_addresses=self._static_addresses(),
                     static_keys=tuple((a, k) for a, k in self._static if k is not None),
                     share_cache=self.config.share_cache and self.cache is not None,
+                    cache_depths=tuple(d.name for d in self.cache.depths) if self.cache else (),
                 ),
                 self._context,
                 self.codec,
@@ -332,6 +352,8 @@ class PeerDaemon:
                 self.keys,
                 self.identity,
             )
+            if self.cache is not None:
+                self.cache.on_new_entry(self._share_entry)
             self.discovery = self._make_discovery()
             log.info(
                 "peer %s (%s) ready: bundle %s, variant %s, listen %s, socket %s, "
@@ -432,7 +454,6 @@ class PeerDaemon:
         # The model thread ends after the forward pass under way, if any; then
         # the cache writes queued so far land and the cache takes a snapshot.
         await asyncio.to_thread(self.worker.close)
-        await asyncio.to_thread(self._cache_writer.shutdown, True)
         if self.cache is not None:
             await asyncio.to_thread(self.cache.close)
         if self._socket_path is not None:
@@ -599,75 +620,178 @@ class PeerDaemon:
         )
 
     async def _answer_frame(self, request: Submit) -> Message:
-        """An application's frame: head here, then the cache, then the tail somewhere."""
+        """An application's frame: the cheapest cache key first, the head, deeper keys, a tail.
+
+        1. prepare the frame (crop, input tensor, thumbnail key) and look the
+           thumbnail up: a hit answers before any model stage runs;
+        2. plan the variant and whether the deeper key pays (only when the
+           thumbnail lookup was inconclusive); run the head, stopping at the
+           cache split for that lookup;
+        3. on a miss, finish the head and resolve it at the best target; cache
+           the answer at every depth whose key the frame has.
+        """
         self.counters.submitted += 1
-        variant, use_cache = self._plan_frame(request.need)
-        self.variant_counts[variant] += 1
+        cache = self.cache
         try:
-            head = await self.worker.head(request.pixels, variant, with_cache=use_cache)
+            prepared, lookup = await self.worker.call(
+                functools.partial(self._prepare_and_look_up, request.pixels)
+            )
         except MediaError as exc:
             self.counters.errors += 1
             return ErrorReply(
                 request_id=request.request_id, code=ErrorCode.BAD_FRAME, message=str(exc)
             )
-        feature = None
-        if self.cache is not None and head.cache_tensor is not None:
-            try:
-                feature, lookup = await self.worker.call(
-                    functools.partial(self._lookup, head.cache_tensor)
-                )
-            except BadFeatureError as exc:  # e.g. an all-black frame: no usable key
-                warn_once("feature", "frame %s has no cache key: %s", request.frame_name, exc)
+        features: dict[str, np.ndarray] = {}
+        reason = ""
+        inconclusive = False
+        if cache is not None:
+            if prepared.thumbnail is None:
+                reason = MissReason.NO_KEY
             else:
-                self._hit_rate = (1 - HIT_RATE_ALPHA) * self._hit_rate + HIT_RATE_ALPHA * (
-                    1.0 if lookup.hit else 0.0
-                )
+                features[THUMBNAIL_KEY] = prepared.thumbnail
+            if lookup is not None:
                 if lookup.hit:
-                    self._count_answer(Source.CACHE)
-                    return InferResult(
-                        request_id=request.request_id,
-                        label=lookup.label,
-                        class_name=self.worker.model.spec.class_names[lookup.label],
-                        confidence=lookup.confidence,
-                        source=Source.CACHE,
-                        served_by=self.config.name,
-                        frame_name=request.frame_name,
-                        head_ms=head.head_ms,
-                        cache_entry=lookup.entry_id,
-                        cache_distance=lookup.distance,
+                    return self._cache_answer(request, prepared, lookup, THUMBNAIL_KEY, features)
+                reason, inconclusive = lookup.reason, lookup.inconclusive
+        variant, use_deep = self._plan_frame(request.need, inconclusive)
+        self.variant_counts[variant] += 1
+        head = await self.worker.head(prepared, variant, with_cache=use_deep)
+        deep = self.worker.cache_point.name
+        if cache is not None and head.cache_tensor is not None:
+            try:
+                deep_feature = feature_from_tensor(head.cache_tensor)
+            except BadFeatureError as exc:  # NaN or a flat tensor: no key at this depth
+                warn_once("feature", "frame %s has no %s key: %s", request.frame_name, deep, exc)
+            else:
+                features[deep] = deep_feature
+                if use_deep:
+                    deep_lookup = await self.worker.call(
+                        functools.partial(cache.lookup, deep, deep_feature)
                     )
-        result = await self._resolve_miss(request, await self.worker.complete(head))
-        if feature is not None:
-            self._insert_later(feature, result.label, result.confidence)
+                    self._hit_rate = (1 - HIT_RATE_ALPHA) * self._hit_rate + HIT_RATE_ALPHA * (
+                        1.0 if deep_lookup.hit else 0.0
+                    )
+                    if deep_lookup.hit:
+                        return self._cache_answer(request, prepared, deep_lookup, deep, features)
+                    reason = deep_lookup.reason
+        if cache is not None and inconclusive and not use_deep:
+            reason = MissReason.SKIPPED
+        head = await self.worker.complete(head)
+        result = await self._resolve_miss(request.request_id, request.frame_name, head)
+        result = dataclasses.replace(
+            result, head_ms=result.head_ms + prepared.prepare_ms, cache_reason=str(reason)
+        )
+        if cache is not None:
+            cache.tiers.note_frame(None, str(reason))
+            if features:
+                cache.insert_later(features, result.label, result.confidence)
         return result
 
-    def _lookup(self, tensor: np.ndarray | None) -> tuple[np.ndarray, LookupResult]:
-        assert self.cache is not None and tensor is not None
-        feature = feature_from_tensor(tensor)
-        return feature, self.cache.lookup(feature)
+    def _prepare_and_look_up(self, pixels: np.ndarray) -> tuple[Prepared, LookupResult | None]:
+        """On the model thread: prepare the frame and look its thumbnail up (no stage runs)."""
+        prepared = self.worker.prepare_now(pixels)
+        if self.cache is None or prepared.thumbnail is None:
+            return prepared, None
+        return prepared, self.cache.lookup(THUMBNAIL_KEY, prepared.thumbnail)
 
-    def _insert_later(self, feature: np.ndarray, label: int, confidence: float) -> None:
-        """Queue the answered frame for the cache; a failed write costs only that entry."""
+    def _cache_answer(
+        self,
+        request: Submit,
+        prepared: Prepared,
+        lookup: LookupResult,
+        depth: str,
+        features: dict[str, np.ndarray],
+    ) -> InferResult:
+        """Answer a frame from the cache; maybe audit the answer off the critical path."""
         cache = self.cache
         assert cache is not None
-        loop = asyncio.get_running_loop()
+        cache.tiers.note_frame(depth)
+        self._count_answer(Source.CACHE)
+        # should_check() first: a skipped audit (too many under way) still uses its turn.
+        if cache.audit.should_check() and cache.audit.pending < MAX_PENDING_AUDITS:
+            self._spawn(self._audit(prepared, lookup, depth, features))
+        return InferResult(
+            request_id=request.request_id,
+            label=lookup.label,
+            class_name=self.worker.model.spec.class_names[lookup.label],
+            confidence=lookup.confidence,
+            source=Source.CACHE,
+            served_by=self.config.name,
+            frame_name=request.frame_name,
+            head_ms=prepared.prepare_ms,
+            cache_entry=cache.public_id(depth, lookup.entry_id),
+            cache_distance=lookup.distance,
+            cache_depth=depth,
+        )
 
-        def insert() -> None:
-            entry_id = cache.insert(feature, label, confidence, self.config.name, self.bundle_id)
-            if entry_id is not None and self.cluster is not None:
-                # Shared from the loop: the cluster's outbox is loop-only.
-                entry = SharedEntry(feature, label, confidence, self.config.name)
-                loop.call_soon_threadsafe(self.cluster.share, entry)
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-        def done(future: Future[None]) -> None:
-            error = future.exception() if not future.cancelled() else None
-            if isinstance(error, CacheError):
-                warn_once("cache-insert", "cache entry not kept: %s", error)
-            elif error is not None:
-                log.error("cache insert failed", exc_info=error)
+    async def _audit(
+        self,
+        prepared: Prepared,
+        lookup: LookupResult,
+        depth: str,
+        features: dict[str, np.ndarray],
+    ) -> None:
+        """Re-check a hit with the full model; the answer already given stays as it was.
 
-        with contextlib.suppress(RuntimeError):  # shutting down: the writer takes no new work
-            self._cache_writer.submit(insert).add_done_callback(done)
+        With a live neighbour, the frame's head goes there in the most faithful
+        variant (a tail's worth of work elsewhere, a head's here); alone, the
+        full model runs here on a low-priority thread, so frames never queue
+        behind an audit on the model thread.
+        """
+        cache = self.cache
+        assert cache is not None
+        cache.audit.pending += 1
+        head: HeadResult | None = None
+        try:
+            if self.cluster is not None and self.cluster.candidates():
+                variant = self._choose_variant(Need.ACCURACY)
+                head = await self.worker.complete(
+                    await self.worker.head(prepared, variant, with_cache=False)
+                )
+                truth = await self._resolve_miss("", "", head, count=False)
+                label, confidence = truth.label, truth.confidence
+            else:
+                full = await self.worker.audit(prepared.pixels)
+                label, confidence = full.label, full.confidence
+        except Exception:  # an audit must never cost the daemon; the hit stands
+            log.exception("cache audit failed")
+            return
+        finally:
+            cache.audit.pending -= 1
+        wrong = label != lookup.label
+        verdict = cache.audit.record(lookup.origin, wrong, confidence)
+        if wrong:
+            await cache.apply_verdict(
+                verdict, depth, lookup.entry_id, lookup.origin, lookup.label, label
+            )
+            if verdict.refuse_origin:
+                self._refuse_origin(lookup.origin)
+            # The full model's answer replaces the wrong one.
+            if head is not None and head.cache_tensor is not None:
+                with contextlib.suppress(BadFeatureError):
+                    features = {
+                        **features,
+                        self.worker.cache_point.name: feature_from_tensor(head.cache_tensor),
+                    }
+            cache.insert_later(features, label, confidence)
+
+    def _share_entry(self, entry: NewEntry) -> None:
+        """An entry this peer made goes to the neighbours (called on the loop)."""
+        if self.cluster is not None:
+            self.cluster.share(
+                SharedEntry(entry.feature, entry.label, entry.confidence, entry.origin, entry.depth)
+            )
+
+    def _refuse_origin(self, origin: str) -> None:
+        """Stop taking entries from ``origin`` and from the key that delivered them."""
+        key = self._origin_keys.get(origin)
+        if key:
+            self._refused_keys.add(key)
 
     async def _answer_cache_command(self, command: CacheCommand) -> Message:
         cache = self.cache
@@ -677,16 +801,12 @@ class PeerDaemon:
                 code=ErrorCode.UNSUPPORTED,
                 message="this peer runs without a cache (--no-cache)",
             )
-        loop = asyncio.get_running_loop()
         status: dict[str, Any]
         try:
             if command.op is CacheOp.CLEAR:
-                cleared = await loop.run_in_executor(self._cache_writer, cache.clear)
-                status = {"op": "clear", "cleared": cleared}
+                status = {"op": "clear", "cleared": await cache.clear()}
             else:
-                forgotten = await loop.run_in_executor(
-                    self._cache_writer, cache.forget, command.entry_id
-                )
+                forgotten = await cache.forget(command.entry_id)
                 status = {"op": "forget", "entry": command.entry_id, "forgotten": forgotten}
         except CacheError as exc:
             return ErrorReply(
@@ -702,7 +822,7 @@ class PeerDaemon:
         compromised edge cannot answer for the whole cluster.
         """
         policy = self.config.accept_shared_from
-        if policy == "none":
+        if policy == "none" or (sender_key and sender_key in self._refused_keys):
             return False
         if policy == "cloud":
             cloud = split_keyed_address(self.config.cloud or "")[0]
@@ -731,34 +851,36 @@ class PeerDaemon:
             if cache is not None:
                 warn_once(f"share-bundle:{sender}", "ignored cache entries of another bundle")
             return 0
+        try:
+            depth = cache.depth_for(share.depth, int(share.features.shape[1]))
+        except BadFeatureError as exc:
+            warn_once(f"share-depth:{sender}", "ignored shared cache entries: %s", exc)
+            return 0
         classes = len(self.worker.model.spec.class_names)
         entries = []
         for feature, label, confidence, origin in zip(
             share.features, share.labels, share.confidences, share.origins, strict=True
         ):
+            if cache.audit.refuses(origin):
+                # The audit caught this origin's entries answering wrongly.
+                self.counters.refused_shared += 1
+                continue
             try:
-                vector = cache.check_feature(feature)
+                vector = cache.check_shared(depth, feature)
             except BadFeatureError as exc:
                 warn_once(f"share-feature:{sender}", "ignored a shared entry: %s", exc)
                 continue
             if 0 <= label < classes and 0.0 <= confidence <= 1.0:
                 entries.append((vector, label, confidence, origin))
-
-        def insert() -> None:
-            for vector, label, confidence, origin in entries:
-                try:
-                    cache.insert(vector, label, confidence, origin, self.bundle_id)
-                except CacheError as exc:
-                    warn_once("share-insert", "shared cache entry not kept: %s", exc)
-
-        with contextlib.suppress(RuntimeError):  # shutting down: the writer takes no new work
-            self._cache_writer.submit(insert)
+                if sender_key:
+                    self._origin_keys[origin] = sender_key
+        cache.insert_shared(depth, entries)
         if self.cluster is not None:
             self.cluster.shared_in += len(entries)
         return len(entries)
 
     async def _answer_sync(self, request: CacheSync) -> Message:
-        """A neighbour that just came up asks for our hottest entries."""
+        """A neighbour that just came up asks for our hottest entries at one key depth."""
         cache = self.cache
         if cache is None or request.bundle_id != self.bundle_id:
             return ErrorReply(
@@ -766,28 +888,68 @@ class PeerDaemon:
                 code=ErrorCode.UNSUPPORTED if cache is None else ErrorCode.BUNDLE_MISMATCH,
                 message="no cache here" if cache is None else "another bundle",
             )
-        loop = asyncio.get_running_loop()
+        depth = request.depth or cache.depths[0].name
+        if depth not in {d.name for d in cache.depths}:
+            return ErrorReply(
+                request_id=request.request_id,
+                code=ErrorCode.UNSUPPORTED,
+                message=f"no key depth {depth!r} here",
+            )
         count = min(request.max_entries, MAX_SHARED_ENTRIES)
-        rows = await loop.run_in_executor(self._cache_writer, cache.hot_entries, count)
+        rows = await cache.hot_entries(depth, count)
         if not rows:
             return StatusReply(request_id=request.request_id, status={"entries": 0})
         message = share_message(
-            [SharedEntry(e.feature, e.label, e.confidence, e.origin) for e in rows],
+            [SharedEntry(e.feature, e.label, e.confidence, e.origin, depth) for e in rows],
             self.bundle_id,
+            depth,
         )
         return CacheShare(**{**message.__dict__, "request_id": request.request_id})
 
-    def _plan_frame(self, need: str) -> tuple[str, bool]:
-        """(variant, look the cache up?) for this frame.
+    def _plan_frame(self, need: str, inconclusive: bool) -> tuple[str, bool]:
+        """(variant, look the deeper key up?) for a frame the thumbnail did not answer.
+
+        The deeper key is looked up when the head passes it anyway on the way
+        to the variant's split (one lookup, about 0.1 ms, against the rest of
+        the head, the network and the tail), and otherwise only when the
+        thumbnail lookup was inconclusive (a close entry but no hit) and
+        computing the key pays for itself at the recent hit rate of deeper
+        lookups (:meth:`_choose`). Every CACHE_PROBE_EVERY-th such frame looks
+        up anyway, so that hit rate stays measured while the key is skipped.
+        (On bigbuckbunny.mp4, every 4th frame, blocks.4 answered 0.52 of the
+        frames and the thumbnail 0.33: looking deeper only when inconclusive
+        left most of that on the table.)
+        """
+        variant, pays = self._choose(need)
+        if self.cache is None:
+            return variant, False
+        on_the_way = self.worker.head_ms(variant) >= self._key_ms()
+        if on_the_way:
+            return variant, True
+        if not inconclusive:
+            return variant, False
+        if not pays:
+            self._since_lookup += 1
+            if self._since_lookup >= CACHE_PROBE_EVERY:
+                pays = True
+            else:
+                self.counters.cache_skipped += 1
+        if pays:
+            self._since_lookup = 0
+        return variant, pays
+
+    def _choose_variant(self, need: str) -> str:
+        return self._choose(need)[0]
+
+    def _choose(self, need: str) -> tuple[str, bool]:
+        """(variant, does the deeper cache key pay?) for the live targets, no side effects.
 
         For each live target and each allowed variant the planner estimates the
         time to an answer from this device's head time, the payload over the
-        measured link and the target's tail behind its queue, and with the
-        cache, whether computing the cache key pays for itself at the recent
-        hit rate (:func:`ccied.pruning.planner.cache_plan`). A pinned variant
-        keeps its variant; the cache choice is still made. Every
-        CACHE_PROBE_EVERY-th frame looks up anyway, so the hit rate stays
-        measured and the cache keeps learning while it is being skipped.
+        measured link and the target's tail behind its queue, and whether
+        computing the deeper key pays for itself at the recent hit rate
+        (:func:`ccied.pruning.planner.cache_plan`). A pinned variant keeps its
+        variant; the cache choice is still made.
         """
         worker = self.worker
         if self.config.variant is not None:
@@ -835,34 +997,27 @@ class PeerDaemon:
                     best = (order, name, use_cache)
         if best is None:  # nobody to send to: the frame finishes here
             _, use_cache = judged(default, worker.local_rest_ms(default, with_cache=False))
-            variant = default
-        else:
-            _, variant, use_cache = best
-        if self.cache is not None and not use_cache:
-            self._since_lookup += 1
-            if self._since_lookup >= CACHE_PROBE_EVERY:
-                use_cache = True
-            else:
-                self.counters.cache_skipped += 1
-        if use_cache:
-            self._since_lookup = 0
+            return default, use_cache
+        _, variant, use_cache = best
         return variant, use_cache
 
     def _key_ms(self) -> float:
         """This device's time from frame to the cache key."""
         return sum(self.worker.stage_ms[: self.worker.cache_point.index + 1])
 
-    async def _resolve_miss(self, request: Submit, head: HeadResult) -> InferResult:
-        """A cache miss: the tail at the first target that answers, else our own."""
+    async def _resolve_miss(
+        self, request_id: str, frame_name: str, head: HeadResult, count: bool = True
+    ) -> InferResult:
+        """A cache miss: the tail at the first target that answers, else our own.
+
+        ``count=False`` for the audit's re-checks: not an application's answer."""
         bytes_sent = bytes_received = 0
         assert self.cluster is not None
         local = Candidate(
             name=self.config.name,
             kind=TargetKind.LOCAL,
             address="",
-            tail_ms=self.worker.local_rest_ms(
-                head.variant, with_cache=head.cache_tensor is not None
-            ),
+            tail_ms=self.worker.rest_ms_from(head.reach_index),
             queue_length=max(0, self._computing - 1),
         )
         share = self.worker.tail_share(head.variant)
@@ -893,15 +1048,16 @@ class PeerDaemon:
             bytes_received += exchange.bytes_received
             reply = exchange.reply
             if isinstance(reply, InferResult):
-                self._count_answer(reply.source)
+                if count:
+                    self._count_answer(reply.source)
                 return InferResult(
-                    request_id=request.request_id,
+                    request_id=request_id,
                     label=reply.label,
                     class_name=reply.class_name,
                     confidence=reply.confidence,
                     source=reply.source,
                     served_by=reply.served_by,
-                    frame_name=request.frame_name,
+                    frame_name=frame_name,
                     head_ms=head.head_ms,
                     tail_ms=reply.tail_ms,
                     bytes_sent=bytes_sent,
@@ -911,7 +1067,7 @@ class PeerDaemon:
             reason = exchange.error or (
                 f"{reply.code}: {reply.message}" if isinstance(reply, ErrorReply) else "bad reply"
             )
-            self.counters.failovers += 1
+            self.counters.failovers += int(count)
             warn_once(
                 f"failover:{target.address}:{reason.split(':', 1)[0]}",
                 "target %s failed (%s); trying the next",
@@ -919,15 +1075,16 @@ class PeerDaemon:
                 reason,
             )
         prediction = await self.worker.finish(head)
-        self._count_answer(Source.LOCAL)
+        if count:
+            self._count_answer(Source.LOCAL)
         return InferResult(
-            request_id=request.request_id,
+            request_id=request_id,
             label=prediction.label,
             class_name=prediction.class_name,
             confidence=prediction.confidence,
             source=Source.LOCAL,
             served_by=self.config.name,
-            frame_name=request.frame_name,
+            frame_name=frame_name,
             head_ms=head.head_ms,
             tail_ms=prediction.tail_ms,
             bytes_sent=bytes_sent,
@@ -1017,7 +1174,7 @@ class PeerDaemon:
             "discovery": "mdns" if self.discovery is not None else "off",
             "emulated_slowdown": self.worker.slowdown,
             "cache": (
-                {"enabled": True, **self.cache.stats()}
+                {"enabled": True, "cache_skipped": c.cache_skipped, **self.cache.stats()}
                 if self.cache is not None
                 else {"enabled": False}
             ),

@@ -4,16 +4,22 @@ Every forward pass (and the preprocessing, encoding and decoding around it)
 runs on a single dedicated thread, so requests queue in arrival order and the
 asyncio loop stays free to answer sockets, status and BUSY replies.
 
-The worker serves a :class:`ccied.pruning.bundle.Bundle`: for a frame it runs
-the stages up to the later of the cache split (whose tensor keys the cache) and
-the chosen variant's split, keeping both tensors, so a cache miss can be sent
-in that variant's format or finished here from where the head stopped.
+The worker serves a :class:`ccied.pruning.bundle.Bundle`. A frame is first
+*prepared* (the model's input crop, its normalised tensor and the cache's
+thumbnail key: no model stage), so the cheapest cache lookup comes before any
+stage runs. The head then runs the stages up to the chosen variant's split,
+stopping at the cache split first when the deeper key is wanted, and keeps the
+cache split's tensor whenever it passes it, so a miss can be sent in that
+variant's format, finished here from where the head stopped, and cached at
+every depth.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +28,12 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from ccied.cache import BadFeatureError, thumbnail_feature
+from ccied.cache.keys import THUMBNAIL_SIDE
 from ccied.pruning import CodecError, MediaError
 from ccied.pruning.bundle import Bundle, Variant
 from ccied.pruning.codec import CodecConfig, TensorCodec
-from ccied.pruning.media import center_crop, decode_jpeg, encode_jpeg, normalize
+from ccied.pruning.media import center_crop, decode_jpeg, encode_jpeg, normalize, thumbnail
 from ccied.pruning.transfer import projection_convs
 from torch import nn
 
@@ -52,10 +60,20 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """A checked frame and its thumbnail key (the model's input is made only on a miss)."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8
+    thumbnail: np.ndarray | None  # the cache's first key; None for a flat frame
+    prepare_ms: float
+
+
+@dataclass(frozen=True)
 class HeadResult:
     """What the head left: the cache key tensor, the wire payload, and where it stopped."""
 
-    cache_tensor: np.ndarray | None  # (1, C, H, W) float32 at the cache split (if asked)
+    # (1, C, H, W) float32 at the cache split, when the head ran through it.
+    cache_tensor: np.ndarray | None
     # What crosses the network for the variant; None while the head stopped at
     # the cache split (ModelWorker.complete runs the rest on a miss).
     payload: np.ndarray | None
@@ -121,8 +139,15 @@ class ModelWorker:
             )
         # Per-stage compute time on this device (measured by warm_up).
         self.stage_ms = [1.0] * len(self.stages)
+        # Crop, normalise and thumbnail one frame (measured by warm_up).
+        self.prepare_ms = 1.0
         self.full_ms_ewma = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccied-model")
+        # The cache audit's full-model passes: a second thread at the lowest CPU
+        # priority, so an audit never queues ahead of a frame on the model thread.
+        self._audit_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ccied-audit", initializer=_lowest_priority
+        )
 
     async def _run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -144,6 +169,9 @@ class ModelWorker:
         size = self.model.spec.input_size
 
         def work() -> None:
+            start = time.perf_counter()
+            self._prepare(np.full((size, size, 3), 128, dtype=np.uint8))
+            self.prepare_ms = (time.perf_counter() - start) * 1e3 * self.slowdown
             with torch.inference_mode():
                 x = torch.zeros(1, 3, size, size)
                 self.stages_forward(x, 0, len(self.stages) - 1)  # first pass: allocations
@@ -186,16 +214,40 @@ class ModelWorker:
         reach = max(self.variants[variant].index, self.cache_point.index if with_cache else -1)
         return sum(self.stage_ms[reach + 1 :])
 
+    def rest_ms_from(self, reach_index: int) -> float:
+        """Time to finish here from after stage ``reach_index``."""
+        return sum(self.stage_ms[reach_index + 1 :])
+
     def payload_bytes(self, variant: str) -> float:
         return self.variants[variant].payload_bytes()
 
     # -- the work -------------------------------------------------------------
 
-    async def head(self, pixels: np.ndarray, variant: str, with_cache: bool = True) -> HeadResult:
-        """Preprocess an RGB frame and run the stages the cache key and ``variant`` need.
+    def _prepare(self, pixels: np.ndarray) -> Prepared:
+        start = time.perf_counter()
+        small = thumbnail(pixels, self.model.spec.input_size, THUMBNAIL_SIDE)
+        try:
+            key: np.ndarray | None = thumbnail_feature(small)
+        except BadFeatureError:  # a flat frame (black, a lens cap): no key, a miss
+            key = None
+        return Prepared(pixels, key, self._emulate(start))
 
-        With the cache, the head stops at the cache split when the variant's
-        split lies beyond it: a hit then never pays for the stages in between;
+    async def prepare(self, pixels: np.ndarray) -> Prepared:
+        """Check an RGB frame and make its thumbnail key (MediaError if it is not RGB uint8)."""
+        return await self._run(lambda: self._prepare(pixels))
+
+    def prepare_now(self, pixels: np.ndarray) -> Prepared:
+        """:meth:`prepare` for code already on the model thread (``call``)."""
+        return self._prepare(pixels)
+
+    async def head(
+        self, frame: np.ndarray | Prepared, variant: str, with_cache: bool = True
+    ) -> HeadResult:
+        """Run the stages ``variant`` (and, ``with_cache``, the cache key) needs on a frame.
+
+        ``frame`` is an RGB frame or what :meth:`prepare` made of it. With the
+        cache, the head stops at the cache split when the variant's split lies
+        beyond it: a hit then never pays for the stages in between;
         :meth:`complete` runs them on a miss (``payload`` is None until then).
         Raises ccied.pruning.MediaError for a frame that is not RGB uint8.
         """
@@ -203,12 +255,14 @@ class ModelWorker:
 
         def work() -> HeadResult:
             start = time.perf_counter()
+            pixels = frame.pixels if isinstance(frame, Prepared) else frame
             crop = center_crop(pixels, self.model.spec.input_size)
             x = normalize(crop, self.model.spec)
-            cache_index = self.cache_point.index if with_cache else -1
-            last = max(runtime.index, cache_index)
-            if with_cache and runtime.variant.jpeg_quality is None:
-                last = cache_index if runtime.index > cache_index else last
+            cache_index = self.cache_point.index
+            # With the key wanted, stop at the cache split (a later split's
+            # stages run in complete(), on a miss); an earlier split's payload
+            # is made on the way. A JPEG variant needs no stage but the key's.
+            last = cache_index if with_cache else runtime.index
             cache_tensor = at_variant = None
             with torch.inference_mode():
                 for index, stage in enumerate(self.stages[: last + 1]):
@@ -356,6 +410,36 @@ class ModelWorker:
 
         return await self._run(work)
 
+    async def audit(self, frame: np.ndarray) -> Prediction:
+        """The full, unpruned float32 model on a frame, at low priority (the cache audit)."""
+        size = self.model.spec.input_size
+
+        def work() -> Prediction:
+            start = time.perf_counter()
+            x = normalize(center_crop(frame, size), self.model.spec)
+            with torch.inference_mode():
+                logits = self.stages_forward(x, 0, len(self.stages) - 1)
+            probs = torch.softmax(logits, dim=1)[0]
+            confidence, label = torch.max(probs, dim=0)
+            return Prediction(
+                int(label),
+                self.model.spec.class_names[int(label)],
+                float(confidence),
+                self._emulate(start),
+            )
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._audit_executor, work)
+
     def close(self) -> None:
-        """Finish the forward pass under way, drop queued ones, stop the thread."""
+        """Finish the forward pass under way, drop queued ones, stop the threads."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._audit_executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _lowest_priority() -> None:
+    """Run this thread at nice 19 (Linux applies setpriority to one thread by its id)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
+        log.debug("could not lower the audit thread's priority")

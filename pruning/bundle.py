@@ -1,14 +1,15 @@
 """Model bundles: what a peer serves, and what two peers must agree on to cooperate.
 
 A bundle is a model plus the *variants* of its transfer layer that may cross
-the network (split point, kept channels, codec bits), the split whose tensor
-keys the semantic cache, and the cache's calibrated hit rule. Several variants
+the network (split point, kept channels, codec bits), the cache's key depths
+(a thumbnail of the input pixels, then the split whose tensor keys the cache
+when the thumbnail is inconclusive), and each depth's calibrated hit rule. Several variants
 ship in one bundle so the planner can switch between them per request, with no
 reload, as the bandwidth moves.
 
 A bundle folder (``ccied prepare --out DIR``) holds::
 
-    manifest.json                 model, weights hash, variants, cache rule, figures
+    manifest.json                 model, weights hash, variants, cache keys and rules, figures
     projection-<variant>.npz      fitted 1x1 reductions for variants with keep < 1
 
 The bundle id is a hash of the manifest's identity part and of every file it
@@ -39,11 +40,20 @@ from ccied.pruning.transfer import TransferProjection
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-BUNDLE_FORMAT = 1
+# 2: the cache is keyed at several depths (a thumbnail first), one rule each.
+BUNDLE_FORMAT = 2
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_VARIANTS = 32
-# The split whose tensor keys the semantic cache (measured best: ccied.cache.policy).
-DEFAULT_CACHE_SPLIT = "blocks.11"
+# The cache's first key: a 16x16 thumbnail of the input crop (ccied.cache.keys;
+# named here too because pruning does not import the cache).
+THUMBNAIL_SIDE = 16
+THUMBNAIL_KEY = f"thumb{THUMBNAIL_SIDE}"
+# The model-stage key, looked up when the thumbnail is inconclusive. blocks.4
+# (29.5% of the compute, on the way to every built-in split but the JPEG) did
+# as well as blocks.11 (69%) in `ccied bench cache`: 0.26 against 0.08 of the
+# clips' second halves, 0.33 against 0.26 of the pans' second pass, every hit
+# agreeing (2026-11-30). A hit at blocks.11 saved only the last 31%.
+DEFAULT_CACHE_SPLIT = "blocks.4"
 # The "split" of a JPEG variant: before the first stage.
 INPUT_SPLIT = "input"
 
@@ -103,11 +113,17 @@ class Bundle:
     variants: tuple[Variant, ...]
     default_variant: str
     cache_split: str
-    cache_rule: dict[str, float] | None  # HitRule fields, calibrated by prepare
+    # Key depth -> HitRule fields calibrated by prepare (missing depths: defaults).
+    cache_rules: dict[str, dict[str, float]] = field(default_factory=dict)
     projections: dict[str, TransferProjection] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     bundle_id: str = ""
+
+    @property
+    def cache_keys(self) -> tuple[str, ...]:
+        """The cache's key depths, cheapest first."""
+        return (THUMBNAIL_KEY, self.cache_split)
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -129,6 +145,7 @@ def _identity(
         "model": model.spec.name,
         "weights_sha256": model.spec.weights_sha256,
         "cache_split": cache_split,
+        "cache_keys": [THUMBNAIL_KEY, cache_split],
         "variants": [
             {
                 "name": v.name,
@@ -178,7 +195,6 @@ def builtin_bundle(
         variants=variants,
         default_variant=default_variant,
         cache_split=cache_split,
-        cache_rule=None,
         bundle_id=_bundle_id(identity),
     )
 
@@ -194,7 +210,7 @@ def write_bundle(
     default_variant: str,
     projections: dict[str, TransferProjection],
     cache_split: str = DEFAULT_CACHE_SPLIT,
-    cache_rule: dict[str, float] | None = None,
+    cache_rules: dict[str, dict[str, float]] | None = None,
     figures: dict[str, Any] | None = None,
 ) -> str:
     """Write a bundle folder; returns its bundle id."""
@@ -217,7 +233,7 @@ def write_bundle(
         "bundle_id": _bundle_id(identity),
         "default_variant": default_variant,
         "variants_measured": [asdict(v) for v in variants],
-        "cache_rule": cache_rule,
+        "cache_rules": cache_rules or {},
         "figures": figures or {},
     }
     tmp = folder / (MANIFEST_NAME + ".tmp")
@@ -240,7 +256,8 @@ def load_bundle(folder: Path) -> Bundle:
         identity = manifest["identity"]
         if identity["format"] != BUNDLE_FORMAT:
             raise ModelError(
-                f"{path}: bundle format {identity['format']}, expected {BUNDLE_FORMAT}"
+                f"{path}: bundle format {identity['format']}, expected {BUNDLE_FORMAT} "
+                "(made by another version of ccied: run `ccied prepare` again)"
             )
         model = load_model(str(identity["model"]))
         if identity["weights_sha256"] != model.spec.weights_sha256:
@@ -261,7 +278,7 @@ def load_bundle(folder: Path) -> Bundle:
         default_variant = str(manifest["default_variant"])
         cache_split = str(identity["cache_split"])
         files = {str(k): str(v) for k, v in identity["files"].items()}
-        cache_rule = manifest.get("cache_rule")
+        cache_rules = _cache_rules(manifest.get("cache_rules"))
         figures = manifest.get("figures") or {}
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
         # AttributeError: a field of the wrong JSON type ("files": []); OverflowError:
@@ -308,7 +325,7 @@ def load_bundle(folder: Path) -> Bundle:
         variants=variants,
         default_variant=default_variant,
         cache_split=cache_split,
-        cache_rule=cache_rule if isinstance(cache_rule, dict) else None,
+        cache_rules=cache_rules,
         projections=projections,
         figures=figures if isinstance(figures, dict) else {},
         path=folder,
@@ -322,6 +339,26 @@ def open_bundle(model_or_folder: str) -> Bundle:
     if folder.is_dir():
         return load_bundle(folder)
     return builtin_bundle(model_or_folder)
+
+
+def _cache_rules(value: object) -> dict[str, dict[str, float]]:
+    """The manifest's per-depth rules: {depth: {field: number}}; ValueError if malformed."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("cache_rules is not a map")
+    rules: dict[str, dict[str, float]] = {}
+    for depth, fields in value.items():
+        if not isinstance(fields, dict):
+            raise ValueError(f"cache rule of {depth!r} is not a map")
+        rules[str(depth)] = {}
+        for name, number in fields.items():
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                raise ValueError(f"cache rule {depth}.{name} is not a number")
+            if not math.isfinite(number):
+                raise ValueError(f"cache rule {depth}.{name} is not finite")
+            rules[str(depth)][str(name)] = number
+    return rules
 
 
 def _optional_float(value: object) -> float | None:

@@ -69,6 +69,27 @@ def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+def crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of the frame region :func:`center_crop` shows the model."""
+    side = min(width, height) * CENTER_CROP_FRACTION * size / round(size / CENTER_CROP_FRACTION)
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def thumbnail(pixels: np.ndarray, size: int, side: int) -> np.ndarray:
+    """The region the model sees, box-averaged to ``side`` x ``side`` RGB uint8.
+
+    One box filter straight from the frame: about 0.3 ms for a 640 x 272 frame
+    on this machine, against 3-4 ms to resize, crop and normalise it for the
+    model, so the cache's cheapest key costs a tenth of the model's input.
+    """
+    check_frame(pixels)
+    height, width = pixels.shape[:2]
+    image = Image.fromarray(pixels)
+    box = crop_box(width, height, size)
+    return np.asarray(image.resize((side, side), Image.Resampling.BOX, box=box), dtype=np.uint8)
+
+
 def normalize(crop: np.ndarray, spec: ModelSpec) -> torch.Tensor:
     """A size x size RGB uint8 crop -> normalised float32 input of shape (1, 3, S, S)."""
     size = spec.input_size

@@ -10,9 +10,10 @@
    (:mod:`ccied.pruning.transfer`).
 3. For each variant, on the held-out frames: codec bytes per frame and top-1
    agreement with the unpruned float32 model, through the real encode/decode.
-4. The cache's hit rule, calibrated on the fit frames in stream order
-   (:func:`ccied.cache.calibrate` is not imported here: pruning is a leaf; the
-   caller passes a calibration function).
+4. The cache's hit rule at each key depth (the input thumbnail, then the
+   cache split), calibrated on the fit frames in stream order and checked on
+   the held-out ones (:mod:`ccied.cache` is not imported here: pruning is a
+   leaf; the caller passes the key and calibration functions).
 5. The bundle folder, with the figures in its manifest.
 """
 
@@ -29,6 +30,8 @@ import torch
 from ccied.pruning.bundle import (
     BUILTIN_VARIANTS,
     DEFAULT_CACHE_SPLIT,
+    THUMBNAIL_KEY,
+    THUMBNAIL_SIDE,
     Variant,
     write_bundle,
 )
@@ -40,7 +43,7 @@ from ccied.pruning.media import (
     encode_jpeg,
     iter_frames,
     normalize,
-    preprocess,
+    thumbnail,
 )
 from ccied.pruning.models import DEFAULT_MODEL, StagedModel, load_model
 from ccied.pruning.transfer import (
@@ -55,12 +58,12 @@ log = logging.getLogger(__name__)
 DEFAULT_EVERY = 3
 DEFAULT_FIT_FRACTION = 0.6
 
-# (features, labels, confidences) of the fit frames, then of the held-out frames,
-# in stream order -> {"rule": HitRule fields, ...figures}
-Calibrator = Callable[
-    [tuple[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]],
-    dict[str, Any],
-]
+Frames = tuple[np.ndarray, np.ndarray, np.ndarray]  # features, labels, confidences
+# (key depth, fit frames, held-out frames), in stream order -> {"rule": HitRule fields, ...}
+Calibrator = Callable[[str, Frames, Frames], dict[str, Any]]
+# The key of one depth: (depth, the frame's thumbnail (media.thumbnail), the tensor
+# at the cache split) -> a feature vector, or None when the frame gives none.
+KeyFunction = Callable[[str, np.ndarray, np.ndarray], np.ndarray | None]
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class PrepareReport:
     bundle_id: str
     folder: Path
     variants: list[dict[str, Any]]
-    cache_rule: dict[str, Any]
+    cache_rules: dict[str, dict[str, Any]]  # per key depth: rule, verdict, figures
     frames: dict[str, int]
 
 
@@ -92,7 +95,7 @@ def prepare_bundle(
     config: PrepareConfig,
     out: Path,
     calibrate_cache: Calibrator,
-    feature_of: Callable[[np.ndarray], np.ndarray],
+    key_of: KeyFunction,
     progress: bool = True,
 ) -> PrepareReport:
     """Build, measure and write a bundle; returns its id and figures."""
@@ -121,9 +124,11 @@ def prepare_bundle(
     wanted = {*split_index.values(), cache_index}
     tensors: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
     labels, confidences = [], []
+    thumbnails = []
     with torch.inference_mode():
         for pixels in tqdm(frames, desc="full model on frames", disable=not progress):
-            x = preprocess(pixels, model.spec)
+            thumbnails.append(thumbnail(pixels, model.spec.input_size, THUMBNAIL_SIDE))
+            x = normalize(center_crop(pixels, model.spec.input_size), model.spec)
             for index, stage in enumerate(model.stages):
                 x = stage(x)
                 if index in wanted:
@@ -201,13 +206,25 @@ def prepare_bundle(
             }
         )
 
-    features = np.stack([feature_of(t.numpy()) for t in tensors[cache_index]])
     confidence_array = np.array(confidences)
-    calibration = calibrate_cache(
-        (features[fit_mask], label_array[fit_mask], confidence_array[fit_mask]),
-        (features[~fit_mask], label_array[~fit_mask], confidence_array[~fit_mask]),
-    )
-    rule = calibration["rule"]
+    calibration: dict[str, dict[str, Any]] = {}
+    for depth in (THUMBNAIL_KEY, config.cache_split):
+        keys = [
+            key_of(depth, small, tensor.numpy())
+            for small, tensor in zip(thumbnails, tensors[cache_index], strict=True)
+        ]
+        usable = np.array([key is not None for key in keys])
+        features = np.stack([k for k in keys if k is not None])
+        fit_rows, held_rows = fit_mask[usable], ~fit_mask[usable]
+        calibration[depth] = calibrate_cache(
+            depth,
+            (features[fit_rows], label_array[usable][fit_rows], confidence_array[usable][fit_rows]),
+            (
+                features[held_rows],
+                label_array[usable][held_rows],
+                confidence_array[usable][held_rows],
+            ),
+        )
     frames_info = {"fit": int(fit_mask.sum()), "held_out": len(held), "every": config.every}
     bundle_id = write_bundle(
         out,
@@ -216,7 +233,7 @@ def prepare_bundle(
         chosen.name,
         projections,
         cache_split=config.cache_split,
-        cache_rule=rule,
+        cache_rules={depth: figures["rule"] for depth, figures in calibration.items()},
         figures={"frames": frames_info, "variants": rows, "cache": calibration},
     )
     return PrepareReport(bundle_id, out, rows, calibration, frames_info)
@@ -246,7 +263,8 @@ def print_report(report: PrepareReport, write: Callable[[str], Any] = print) -> 
             f"{row['name']:<22} {row['bytes_per_frame']:>8.0f} {row['ratio_to_fp32']:>7.1f} "
             f"{row['agreement']:>9.3f}"
         )
-    write(
-        f"cache rule: {report.cache_rule['rule']} ({report.cache_rule['verdict']}); "
-        f"held-out frames: {report.cache_rule['held_out']}"
-    )
+    for depth, figures in report.cache_rules.items():
+        write(
+            f"cache rule at {depth}: {figures['rule']} ({figures['verdict']}); "
+            f"held-out frames: {figures['held_out']}"
+        )
