@@ -23,6 +23,7 @@ import zmq
 from ccied.peer.client import Client
 from ccied.peer.errors import PeerUnavailableError
 from ccied.peer.keys import Keypair, KeyStore, split_keyed_address
+from ccied.peer.wire import Message, decode, encode
 
 DEFAULT_READY_TIMEOUT_S = 120.0
 DEFAULT_STOP_TIMEOUT_S = 10.0
@@ -40,6 +41,21 @@ def dealer(keys: tuple[Keypair, str] | None = None) -> zmq.Socket[bytes]:
         sock.curve_publickey = keys[0].public.encode()
         sock.curve_serverkey = keys[1].encode()
     return sock
+
+
+def raw_request(
+    address: str, message: Message, keys: tuple[Keypair, str] | None, timeout_ms: int = 3000
+) -> Message | None:
+    """One request over a fresh DEALER; None when nothing comes back in time."""
+    sock = dealer(keys)
+    try:
+        sock.connect(address)
+        sock.send_multipart(encode(message))
+        if not sock.poll(timeout_ms):
+            return None
+        return decode(sock.recv_multipart())
+    finally:
+        sock.close(linger=0)
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:

@@ -552,7 +552,8 @@ def bundle_seeds(folder: Path) -> list[BundleInput]:
         (BUILTIN_VARIANTS, DEFAULT_VARIANT, {}),
     ):
         shutil.rmtree(folder, ignore_errors=True)
-        write(folder, model, variants, default, projections, cache_rule={"threshold_l2": 0.05})
+        rules = {"thumb16": {"threshold_l2": 0.5}, "blocks.4": {"threshold_l2": 0.2}}
+        write(folder, model, variants, default, projections, cache_rules=rules)
         name = f"projection-{reduced.name}.npz"
         npz_bytes = (folder / name).read_bytes() if projections else npz
         seeds.append(BundleInput((folder / MANIFEST_NAME).read_bytes(), name, npz_bytes))

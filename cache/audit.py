@@ -65,20 +65,21 @@ class Audit:
     pending: int = 0
     origins: dict[str, _Tally] = field(default_factory=dict)
     refused_origins: set[str] = field(default_factory=set)
-    _credit: float = 1.0  # the first hit is checked, then one in 1/rate
+    _credit: float = -1.0  # set in __post_init__: the first hit is checked, then 1 in 1/rate
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:
             raise ValueError(f"audit rate must be in [0, 1], got {self.rate}")
         if not 0.0 < self.target_false_hit_rate < 1.0:
             raise ValueError("the target false-hit rate must be in (0, 1)")
+        self._credit = 1.0 - self.rate
 
     def should_check(self) -> bool:
         """Whether to audit this hit: deterministic, one in ``1 / rate``."""
         if self.rate <= 0.0:
             return False
         self._credit += self.rate
-        if self._credit >= 1.0:
+        if self._credit >= 1.0 - 1e-9:  # the tolerance absorbs the sum's rounding
             self._credit -= 1.0
             return True
         return False

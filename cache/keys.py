@@ -80,4 +80,5 @@ def thumbnail_feature(crop: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarra
     norm = float(np.linalg.norm(centred))
     if not np.isfinite(norm) or norm / np.sqrt(centred.size) < MIN_THUMBNAIL_CONTRAST:
         raise BadFeatureError("flat frame: no thumbnail key")
-    return (centred / norm).astype(np.float32)
+    key: np.ndarray = (centred / norm).astype(np.float32)
+    return key

@@ -41,13 +41,14 @@ def test_a_bundle_folder_round_trips_and_refuses_tampering(
     variants = (reduced, *BUILTIN_VARIANTS)
     bundle_id = write_bundle(
         tmp_path, model, variants, reduced.name, {reduced.name: projection},
-        cache_rule={"threshold_l2": 0.05, "vote_margin": 2.0},
+        cache_rules={"thumb16": {"threshold_l2": 0.5}, "blocks.4": {"vote_margin": 2}},
     )  # fmt: skip
     loaded = load_bundle(tmp_path)
     assert loaded.bundle_id == bundle_id != builtin_bundle().bundle_id
     assert loaded.variant(reduced.name).agreement == 0.9
     np.testing.assert_array_equal(loaded.projections[reduced.name].encoder, projection.encoder)
-    assert loaded.cache_rule == {"threshold_l2": 0.05, "vote_margin": 2.0}
+    assert loaded.cache_rules == {"thumb16": {"threshold_l2": 0.5}, "blocks.4": {"vote_margin": 2}}
+    assert loaded.cache_keys == ("thumb16", "blocks.4")
 
     npz = tmp_path / f"projection-{reduced.name}.npz"
     npz.write_bytes(npz.read_bytes()[:-10] + b"0123456789")
@@ -103,3 +104,27 @@ def test_the_cache_key_is_skipped_only_when_it_costs_more_than_hits_save() -> No
         assert use and expected <= 300 + 60
     # Nonsense hit rates are clamped, not trusted.
     assert cache_plan(100, 50, 10, hit_rate=7.0) == (50, True)
+
+
+def test_a_bundle_of_an_older_format_or_with_a_malformed_cache_rule_is_refused(
+    tmp_path: Path, model: StagedModel
+) -> None:
+    write_bundle(tmp_path, model, BUILTIN_VARIANTS, DEFAULT_VARIANT, {})
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    manifest["cache_rules"] = {"thumb16": {"threshold_l2": "far"}}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="malformed manifest"):
+        load_bundle(tmp_path)
+    manifest["cache_rules"] = {}
+    manifest["identity"]["format"] = 1
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="run `ccied prepare` again"):
+        load_bundle(tmp_path)
+
+
+def test_the_thumbnail_key_is_named_alike_in_the_bundle_and_the_cache() -> None:
+    from ccied.cache import keys
+    from ccied.pruning import bundle
+
+    assert bundle.THUMBNAIL_KEY == keys.THUMBNAIL_KEY
+    assert bundle.THUMBNAIL_SIDE == keys.THUMBNAIL_SIDE

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from ccied.bench import demo
-from ccied.bench.cluster_bench import Stream
+from ccied.bench.workloads import CameraStream as Stream
 from ccied.peer.cli import build_parser
 from ccied.peer.client import FrameResult
 
@@ -43,7 +43,7 @@ def frame_result(name: str, source: str, latency_ms: float) -> FrameResult:
 
 
 @pytest.mark.slow
-def test_demo_streams_three_cameras_and_writes_a_plot(tmp_path: Path) -> None:
+def test_demo_streams_four_cameras_and_writes_a_plot(tmp_path: Path) -> None:
     plot = tmp_path / "demo.png"
     done = subprocess.run(
         [*CCIED, "demo", "--every", "25", "--limit", "1", "--plot", str(plot)],
@@ -55,18 +55,19 @@ def test_demo_streams_three_cameras_and_writes_a_plot(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "cameras emulated 4x slower" in out
-    # --limit 1: cam1 and cam2 on 3 + 3 frames of bikes and carphone, two apart
-    # (4 each), cam3 on 2 frames of bigbuckbunny.
-    assert "frames 10/10" in out
+    # --limit 1: one frame each for the fixed camera (cam1) and the two on one
+    # scene (cam2, cam3), two for the camera passing its places again (cam4).
+    assert "frames 5/5" in out
     rows = {m[1]: int(m[2]) for m in re.finditer(r"^(cam\d|all) +(\d+) ", out, re.MULTILINE)}
-    assert rows == {"cam1": 4, "cam2": 4, "cam3": 2, "all": 10}
+    assert rows == {"cam1": 1, "cam2": 1, "cam3": 1, "cam4": 2, "all": 5}
+    assert "fid dec" in out and "why frames missed the cache" in out
     assert f"plot written to {plot}" in out
     assert plot.read_bytes()[:8] == PNG_MAGIC
     assert not (tmp_path / "ccied-demo.png").exists()
 
 
 def test_json_mode_prints_only_one_object_per_answer(capsys: pytest.CaptureFixture[str]) -> None:
-    streams = [Stream("cam1", [("a#0", np.zeros((2, 2, 3), np.uint8))])]
+    streams = [Stream("cam1", "static", [("a#0", np.zeros((2, 2, 3), np.uint8))])]
     tally = demo.Tally(streams, json_out=True)
     tally.add("cam1", frame_result("a#0", "cloud", 120.0), agrees=True)
     lines = capsys.readouterr().out.splitlines()
@@ -78,8 +79,8 @@ def test_json_mode_prints_only_one_object_per_answer(capsys: pytest.CaptureFixtu
 
 def test_live_view_and_table_show_hit_rate_per_camera(tmp_path: Path) -> None:
     streams = [
-        Stream("cam1", [(f"a#{i}", np.zeros((2, 2, 3), np.uint8)) for i in range(4)]),
-        Stream("cam2", [(f"a#{i}", np.zeros((2, 2, 3), np.uint8)) for i in range(2)]),
+        Stream("cam1", "static", [(f"a#{i}", np.zeros((2, 2, 3), np.uint8)) for i in range(4)]),
+        Stream("cam2", "overlap", [(f"a#{i}", np.zeros((2, 2, 3), np.uint8)) for i in range(2)]),
     ]
     tally = demo.Tally(streams, json_out=False)
     for i, source in enumerate(("cloud", "cache", "cache", "cache")):

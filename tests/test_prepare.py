@@ -38,7 +38,9 @@ def test_prepare_writes_a_verified_bundle_with_measured_variants(prepared: Path)
     assert reduced.bytes_per_frame is not None
     raw = bundle.variant("blocks.11-raw")
     assert raw.agreement == 1.0 and raw.bytes_per_frame == 192 * 7 * 7 * 4
-    assert bundle.cache_rule is not None and "threshold_l2" in bundle.cache_rule
+    # One calibrated (or default) rule per key depth: the thumbnail, then the split.
+    assert set(bundle.cache_rules) == {"thumb16", "blocks.4"}
+    assert all("answer_floor" in rule for rule in bundle.cache_rules.values())
 
 
 def test_peers_serving_the_bundle_send_what_it_promises(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from ccied.bench.cluster import PeerProcess, dealer, free_tcp_port
+from ccied.bench.cluster import PeerProcess, free_tcp_port, raw_request
 from ccied.cache import feature_dim
 from ccied.discovery import Advertisement, MdnsConfig, MdnsDiscovery, NeighbourTable
 from ccied.peer.cli import main as cli_main
@@ -40,8 +40,6 @@ from ccied.peer.wire import (
     Message,
     StatusReply,
     StatusRequest,
-    decode,
-    encode,
 )
 
 pytestmark = pytest.mark.slow
@@ -156,21 +154,6 @@ def trust_each_other(*peers: PeerProcess) -> None:
         for b in peers:
             if a is not b:
                 keys_of(a).trust(keys_of(b).load().public, b.name)
-
-
-def raw_request(
-    address: str, message: Message, keys: tuple[Keypair, str] | None, timeout_ms: int = 3000
-) -> Message | None:
-    """One request over a fresh DEALER; None when nothing comes back in time."""
-    sock = dealer(keys)
-    try:
-        sock.connect(address)
-        sock.send_multipart(encode(message))
-        if not sock.poll(timeout_ms):
-            return None
-        return decode(sock.recv_multipart())
-    finally:
-        sock.close(linger=0)
 
 
 def random_keypair() -> Keypair:

@@ -22,7 +22,7 @@ def test_a_head_past_the_cache_split_stops_there_and_completes_only_on_a_miss(
     worker: ModelWorker, cat_pixels: np.ndarray
 ) -> None:
     """A hit must not pay for stages it does not need: blocks.14's head stops at
-    the cache split (blocks.11), and completing it gives the same bytes as a
+    the cache split (blocks.4), and completing it gives the same bytes as a
     head that never stopped."""
 
     async def scenario() -> None:
@@ -35,9 +35,14 @@ def test_a_head_past_the_cache_split_stops_there_and_completes_only_on_a_miss(
         assert completed.reach_index == straight.reach_index > stopped.reach_index
         assert completed.payload.tobytes() == straight.payload.tobytes()
         assert completed.head_ms >= stopped.head_ms
-        # An earlier split: the payload comes on the way to the cache key.
-        early = await worker.head(cat_pixels, "blocks.7-b8", with_cache=True)
+        # A split before the cache key (the input, as a JPEG): the payload is
+        # made on the way to the key.
+        early = await worker.head(cat_pixels, "jpeg-q90", with_cache=True)
         assert early.payload is not None and early.cache_tensor is not None
         assert await worker.complete(early) is early
+        # Without the key wanted, a head that passes the cache split keeps its
+        # tensor anyway: the frame is then cached at that depth for free.
+        passing = await worker.head(cat_pixels, "blocks.11-b6", with_cache=False)
+        assert passing.payload is not None and passing.cache_tensor is not None
 
     asyncio.run(scenario())
