@@ -445,6 +445,83 @@ def lookup_latency(size: int, queries: int, folder: Path) -> dict[str, Any]:
     }
 
 
+# -- a real peer: what a hit costs -------------------------------------------------
+
+PEER_SLOWDOWN = 4.0  # phone-class, as in the issue's target
+
+
+def peer_study(slowdown: float, pan_steps: int) -> dict[str, Any]:
+    """Submit to answer, through a real ``ccied peer`` (no neighbours) at ``slowdown``.
+
+    Two peers in turn on the same frames: one with ``--no-cache`` (every frame
+    the full local inference), then one with the cache (default audit rate)
+    that sees the pans, then the shifted, brighter second pass. The ratio is
+    the median hit against the median full local inference of the first peer.
+    """
+    from ccied.bench.cluster import PeerProcess
+    from ccied.bench.workloads import photo_pans
+    from ccied.bench.workloads import second_pass as revisit
+    from ccied.peer.client import Client
+
+    first = photo_pans(steps=pan_steps)
+    again = photo_pans(revisit(), steps=pan_steps)
+    out: dict[str, Any] = {"slowdown": slowdown, "frames": len(first) + len(again)}
+    with tempfile.TemporaryDirectory(prefix="ccied-bench-", dir="/tmp") as folder:
+        root = Path(folder)
+        for name, extra in (("nocache", ["--no-cache"]), ("cached", [])):
+            peer = PeerProcess(
+                name=name,
+                role="edge",
+                listen="none",
+                socket_path=root / f"{name}.sock",
+                extra_args=["--slowdown", f"{slowdown:g}", *extra],
+                log_path=root / f"{name}.log",
+            )
+            peer.start()
+            try:
+                peer.wait_ready()
+                with Client(peer.socket_path, timeout_s=60) as client:
+                    results = [client.submit(f.pixels, f.name) for f in [*first, *again]]
+                    time.sleep(0.5)  # let the last audits land before reading status
+                    status = client.status()
+            finally:
+                peer.stop()
+            latencies = [r.latency_ms for r in results]
+            if name == "nocache":
+                out["full_local_median_ms"] = round(float(np.median(latencies)), 2)
+                continue
+            hits = [r.latency_ms for r in results if r.source == "cache"]
+            second = results[len(first) :]
+            out.update(
+                {
+                    "hits": len(hits),
+                    "second_pass_hit_rate": round(
+                        sum(r.source == "cache" for r in second) / len(second), 4
+                    ),
+                    "hit_median_ms": round(float(np.median(hits)), 2) if hits else None,
+                    "hit_p95_ms": round(float(np.percentile(hits, 95)), 2) if hits else None,
+                    # A thumbnail hit runs no stage; a deeper one ran the head to its key.
+                    "hit_median_ms_by_depth": {
+                        depth: round(float(np.median(at)), 2)
+                        for depth in dict.fromkeys(r.cache_depth for r in results if r.cache_depth)
+                        if (at := [r.latency_ms for r in results if r.cache_depth == depth])
+                    },
+                    "hits_by_depth": status["cache"]["hits_by_depth"],
+                    "audit": {
+                        k: status["cache"]["audit"][k]
+                        for k in ("checked", "wrong", "false_hit_rate", "false_hit_upper_95")
+                    },
+                }
+            )
+    if out.get("hit_median_ms") is not None:
+        full = out["full_local_median_ms"]
+        out["hit_over_full_local"] = round(out["hit_median_ms"] / full, 3)
+        out["hit_over_full_local_by_depth"] = {
+            depth: round(ms / full, 3) for depth, ms in out["hit_median_ms_by_depth"].items()
+        }
+    return out
+
+
 # -- studies ------------------------------------------------------------------------
 
 
@@ -593,6 +670,17 @@ def print_table(report: dict[str, Any]) -> None:
             f"fashion-mnist: hit {e['hit_rate']:.3f} hit fid {_cell(e['hit_fidelity'])} "
             f"accuracy {e['accuracy']:.3f}"
         )
+    peer = report.get("peer")
+    if peer:
+        print(
+            f"real peer at {peer['slowdown']:g}x: hit median {peer['hit_median_ms']} ms (p95 "
+            f"{peer['hit_p95_ms']}; by depth {peer.get('hit_median_ms_by_depth')}), full local "
+            f"inference median {peer['full_local_median_ms']} ms, ratio "
+            f"{peer.get('hit_over_full_local')} "
+            f"(by depth {peer.get('hit_over_full_local_by_depth')}); second-pass hit rate "
+            f"{peer['second_pass_hit_rate']}, by depth {peer['hits_by_depth']}; audit "
+            f"{peer['audit']}"
+        )
     for row in report["latency"]:
         print(
             f"lookup {row['entries']:>7} entries ({row['index']}, 1 thread, {LATENCY_DIM}-d): "
@@ -611,6 +699,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--every", type=_positive, help="use every N-th clip frame (default 2; quick 3)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--no-peer", action="store_true", help="skip the hit latency through a real peer"
+    )
 
 
 def _fraction(text: str) -> float:
@@ -654,6 +745,7 @@ def run(args: argparse.Namespace) -> int:
         "pans_second_pass": tiered_pass(*pans, rules, deep, shares[deep]).figures(),
         "near_camera": tiered_pass(*near, rules, deep, shares[deep]).figures(),
     }
+    peer = None if args.no_peer else peer_study(PEER_SLOWDOWN, 12 if quick else 24)
     latency = []
     with tempfile.TemporaryDirectory(prefix="ccied-bench-") as folder:
         for size in tqdm(LATENCY_SIZES, desc="lookup latency", disable=not progress):
@@ -670,6 +762,7 @@ def run(args: argparse.Namespace) -> int:
         "depths": studies,
         "tiered": tiered,
         "tiered_deep_depth": deep,
+        "peer": peer,
         "fashion_mnist": fashion_study(progress, quick, args.target_fidelity),
         "eviction": eviction_study(
             near[0], THUMBNAIL_KEY, rules[THUMBNAIL_KEY], capacity=len(near[0]) // 4
