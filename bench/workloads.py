@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,3 +139,61 @@ def demo_streams(every: int, per_clip: int, pan_steps: int = PAN_STEPS) -> list[
         CameraStream("cam3", "overlap", clip("bigbuckbunny.mp4", half)),
         CameraStream("cam4", "revisit", revisit[: 2 * per_clip]),
     ]
+
+
+WORKLOADS = ("static", "moving", "overlap", "revisit")
+NEAR_SHIFT_PX = 4  # a third camera on the overlap scene: cam1's frames, shifted
+
+
+def cluster_workloads(
+    names: Sequence[str], cameras: int, every: int, per_camera: int
+) -> dict[str, list[CameraStream]]:
+    """The camera workloads of ``ccied bench cluster``, each a list of cameras' streams.
+
+    * ``static``: a fixed camera, carphone_pristine.mp4;
+    * ``moving``: a camera moving through a street, bikes.mp4;
+    * ``overlap``: two or three cameras on one scene (bigbuckbunny.mp4) seeing
+      near frames, never the same ones: cam2 half a sampling step after cam1,
+      cam3 (with three cameras) cam1's frames shifted by 4 pixels;
+    * ``revisit``: one camera panning across the bundled photos (about
+      ``per_camera`` frames, at least 4 a photo), then passing the same places
+      again 3 pixels over and 6% brighter.
+    """
+    from ccied.pruning import find_clip, iter_frames
+
+    def clip(name: str, offset: int = 0) -> list[tuple[str, np.ndarray]]:
+        frames = iter_frames(find_clip(name), every=1)
+        picked = [(f.name, f.pixels) for i, f in enumerate(frames) if i % every == offset]
+        return picked[:per_camera]
+
+    out: dict[str, list[CameraStream]] = {}
+    for name in names:
+        if name == "static":
+            out[name] = [CameraStream("cam1", name, clip("carphone_pristine.mp4"))]
+        elif name == "moving":
+            out[name] = [CameraStream("cam1", name, clip("bikes.mp4"))]
+        elif name == "overlap":
+            first = clip("bigbuckbunny.mp4")
+            streams = [
+                CameraStream("cam1", name, first),
+                CameraStream("cam2", name, clip("bigbuckbunny.mp4", max(1, every // 2))),
+            ]
+            if cameras >= 3:
+                shifted = [
+                    (f.name, f.pixels)
+                    for f in (
+                        near_view(Frame(n, p), NEAR_SHIFT_PX, suffix="+4px") for n, p in first
+                    )
+                ]
+                streams.append(CameraStream("cam3", name, shifted))
+            out[name] = streams
+        elif name == "revisit":
+            steps = max(4, per_camera // len(PHOTOS))
+            first_pass = photo_pans(steps=steps)
+            again = photo_pans(second_pass(), steps=steps)
+            frames = [(f.name, f.pixels) for f in first_pass]
+            frames += [(f"{f.name}'", f.pixels) for f in again]
+            out[name] = [CameraStream("cam1", name, frames)]
+        else:
+            raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+    return out

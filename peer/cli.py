@@ -491,9 +491,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("cache    off")
     for n in status["neighbours"]:
         bandwidth = f"{n['bandwidth_mbps']:.0f} Mbit/s" if n["bandwidth_mbps"] else "bw ?"
+        estimate = n.get("tail_estimate", {})
+        tail = (
+            f"model {estimate['full_ms']:.1f} ms (from {estimate['source']})"
+            if "full_ms" in estimate
+            else "model time ?"
+        )
         print(
             f"neighbour {n['name']} ({n['role']}) {n['address']}  rtt {n['rtt_ms']:.1f} ms  "
-            f"{bandwidth}  load {n['load']:.2f}  seen {n['last_seen_s']:.1f} s ago"
+            f"{bandwidth}  load {n['load']:.2f}  {tail}  seen {n['last_seen_s']:.1f} s ago"
         )
     security = status.get("security", {})
     if security.get("mode") == "curve":

@@ -31,7 +31,7 @@ import zmq.asyncio
 from ccied.discovery import Announcement, DiscoveryError, NeighbourTable
 from ccied.peer.keys import Keypair, KeyStore
 from ccied.peer.logutil import WarnOnce
-from ccied.peer.routing import Candidate, TargetKind
+from ccied.peer.routing import Candidate, TailEstimates, TargetKind
 from ccied.peer.transport import EmulatedLink, Exchange, RemoteTarget
 from ccied.peer.wire import (
     MAX_SHARED_ENTRIES,
@@ -126,7 +126,8 @@ class Cluster:
         self._verified: dict[str, str] = {}  # address -> the key a Pong proved
         self._claimed: dict[str, str] = dict(config.static_keys)  # address -> said key
         self._names: dict[str, str] = {}  # address -> neighbour name, from Pongs
-        self._full_ms: dict[str, float] = {}  # neighbour name -> reported whole-model ms
+        # Whole-model time per neighbour: its heartbeats, then its replies.
+        self.estimates = TailEstimates()
         self._pinging: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._outbox: collections.deque[SharedEntry] = collections.deque(
@@ -332,7 +333,7 @@ class Cluster:
                 self._target(address, key).quiet = False
                 self._drop(address, keep=key)  # the other keys tried there are wrong
             self._names[address] = pong.name
-            self._full_ms[pong.name] = pong.full_ms
+            self.estimates.reported(pong.name, pong.full_ms)
             known = self.table.get(pong.name)
             if (
                 known is None
@@ -356,6 +357,7 @@ class Cluster:
     def candidates(self) -> list[Candidate]:
         """Live neighbours with our bundle and wire version, as routing candidates."""
         out = []
+        now = time.monotonic()
         for neighbour in self.table.usable(self.config.bundle_id, WIRE_VERSION):
             kind = TargetKind.CLOUD if neighbour.role == "cloud" else TargetKind.PEER
             out.append(
@@ -364,7 +366,7 @@ class Cluster:
                     kind=kind,
                     address=neighbour.address,
                     # The whole model's time there; the daemon scales it to a tail.
-                    tail_ms=self._full_ms.get(neighbour.name, 0.0),
+                    tail_ms=self.estimates.full_ms(neighbour.name, now)[0],
                     queue_length=neighbour.queue_length,
                     rtt_ms=neighbour.rtt_ms,
                     bandwidth_mbps=neighbour.bandwidth_mbps or self.link.bandwidth_mbps,
@@ -374,6 +376,7 @@ class Cluster:
 
     async def request(self, candidate: Candidate, message: Message, timeout_s: float) -> Exchange:
         """Send to a neighbour; learn bandwidth from answers and count failures."""
+        self.estimates.sent(candidate.name, time.monotonic())
         exchange = await self.send(candidate.address, message, timeout_s)
         self.sent_to[candidate.name] += 1
         if exchange.error is not None:
@@ -451,6 +454,7 @@ class Cluster:
                 for (address, _), target in self.links.items()
             ],
             "sent_to": dict(self.sent_to),
+            "tail_estimates": self.estimates.describe(time.monotonic()),
             "shared_out": self.shared_out,
             "shared_in": self.shared_in,
             "share_queue": len(self._outbox),

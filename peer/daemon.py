@@ -122,6 +122,10 @@ HIT_RATE_ALPHA = 0.2
 CACHE_PROBE_EVERY = 8
 # Audits under way at once: more waiting would only delay the frames behind them.
 MAX_PENDING_AUDITS = 2
+# An idle peer times its model again this often (the figure its heartbeats
+# carry), once the model thread has been idle this long.
+REMEASURE_INTERVAL_S = 10.0
+REMEASURE_IDLE_S = 2.0
 SHARED_FROM = ("trusted", "cloud", "none")
 
 
@@ -205,6 +209,7 @@ class Counters:
     refused_bundle: int = 0
     refused_shared: int = 0
     cache_skipped: int = 0
+    probes: int = 0  # copies of misses sent to neighbours only to time them
 
 
 class PeerDaemon:
@@ -373,6 +378,7 @@ class PeerDaemon:
                 if self._peer is not None:
                     group.create_task(self._serve(self._peer, local=False))
                 group.create_task(self.cluster.run())
+                group.create_task(self._remeasure_when_idle())
                 if self.discovery is not None:
                     group.create_task(self._run_discovery(self.discovery))
                 await self._stop.wait()
@@ -425,6 +431,13 @@ class PeerDaemon:
         except DiscoveryError as exc:
             # Static peers still work; say why nobody is discovered.
             log.warning("mDNS discovery is off: %s (use --peer/--cloud)", exc)
+
+    async def _remeasure_when_idle(self) -> None:
+        while True:
+            await asyncio.sleep(REMEASURE_INTERVAL_S)
+            idle_s = time.monotonic() - self.worker.last_busy
+            if self._computing == 0 and idle_s >= REMEASURE_IDLE_S:
+                await self.worker.remeasure()
 
     def _local_load(self) -> LocalLoad:
         return LocalLoad(
@@ -1066,6 +1079,9 @@ class PeerDaemon:
             bytes_received += exchange.bytes_received
             reply = exchange.reply
             if isinstance(reply, InferResult):
+                self._observe_tail(target.name, head.variant, reply.tail_ms)
+                if count:
+                    self._probe_others(target.name, head)
                 if count:
                     self._count_answer(reply.source)
                 return InferResult(
@@ -1109,6 +1125,46 @@ class PeerDaemon:
             bytes_received=bytes_received,
             variant=head.variant,
         )
+
+    def _observe_tail(self, name: str, variant: str, tail_ms: float) -> None:
+        """A neighbour's reply says how long its tail took: its whole model, scaled."""
+        if self.cluster is None:
+            return
+        share = self.worker.tail_share(variant)
+        if share > 0.05:
+            self.cluster.estimates.observed(name, tail_ms / share, time.monotonic())
+
+    def _probe_others(self, answered_by: str, head: HeadResult) -> None:
+        """Send a copy of this miss to neighbours not tried for a while, in the background
+        (the answer is only timed), so one bad early estimate cannot shut one out."""
+        assert self.cluster is not None
+        now = time.monotonic()
+        for candidate in self.cluster.candidates():
+            if candidate.name == answered_by:
+                continue
+            if not self.cluster.estimates.due_for_probe(candidate.name, now):
+                continue
+            self.cluster.estimates.sent(candidate.name, now)
+            self._spawn(self._probe(candidate, head))
+
+    async def _probe(self, candidate: Candidate, head: HeadResult) -> None:
+        assert self.cluster is not None and head.payload is not None
+        exchange = await self.cluster.request(
+            candidate,
+            InferRequest(
+                request_id=uuid.uuid4().hex,
+                bundle_id=self.bundle_id,
+                origin=self.config.name,
+                variant=head.variant,
+                encoding=head.encoding,
+                deadline_ms=self.config.remote_timeout_s * 1e3,
+                tensor=head.payload,
+            ),
+            self.config.remote_timeout_s,
+        )
+        if isinstance(exchange.reply, InferResult):
+            self._observe_tail(candidate.name, head.variant, exchange.reply.tail_ms)
+        self.counters.probes += 1
 
     async def _answer_tensor(self, request: InferRequest) -> Message:
         """Another peer's tensor: run the tail if we share its bundle."""
@@ -1187,7 +1243,7 @@ class PeerDaemon:
             "pinned_variant": self.config.variant,
             "listen": self.listen_address or None,
             "socket": str(self._socket_path) if self._socket_path else None,
-            "neighbours": self.table.snapshot(),
+            "neighbours": self._neighbours(),
             "cluster": self.cluster.describe() if self.cluster is not None else {},
             "discovery": "mdns" if self.discovery is not None else "off",
             "emulated_slowdown": self.worker.slowdown,
@@ -1208,10 +1264,20 @@ class PeerDaemon:
                 "refused_bundle": c.refused_bundle,
                 "refused_shared": c.refused_shared,
                 "cache_skipped": c.cache_skipped,
+                "probes": c.probes,
                 "pending": self._pending,
             },
             "security": self._security_status(),
         }
+
+    def _neighbours(self) -> list[dict[str, Any]]:
+        """The table's live neighbours, each with the tail estimate routing uses and whence."""
+        rows = self.table.snapshot()
+        if self.cluster is not None:
+            estimates = self.cluster.estimates.describe(time.monotonic())
+            for row in rows:
+                row["tail_estimate"] = estimates.get(str(row.get("name")), {"source": "unknown"})
+        return rows
 
     def _security_status(self) -> dict[str, Any]:
         if self.keys is None or self.identity is None:

@@ -56,3 +56,82 @@ def plan(candidates: Sequence[Candidate], payload_bytes: int) -> list[Candidate]
     ranked = sorted(candidates, key=lambda c: c.expected_ms(payload_bytes))
     cut = ranked.index(local[0])
     return ranked[: cut + 1]
+
+
+# A neighbour's tail time, as this peer sees it (TailEstimates):
+# - from its replies: each answer's tail time, scaled to the whole model, in a
+#   moving average that replaces the neighbour's own start-up figure. A cloud
+#   that timed itself at 459 ms under start-up contention was never used again
+#   while its heartbeats kept saying so (issue 11); its replies say 10-15 ms.
+# - replies older than this are stale; its heartbeat figure is used again.
+REPLY_ALPHA = 0.3
+REPLY_FRESH_S = 30.0
+# A neighbour not sent a frame for this long gets a copy of a miss's payload in
+# the background (the answer is not used): its estimate stays measured.
+PROBE_INTERVAL_S = 10.0
+
+
+@dataclass
+class _Estimate:
+    reported_ms: float = 0.0  # the neighbour's own figure, from its heartbeats
+    observed_ms: float = 0.0  # from its replies (moving average)
+    samples: int = 0
+    observed_at: float = -1e18
+    sent_at: float = -1e18
+
+
+class TailEstimates:
+    """Per neighbour: the whole-model time to plan with, and when to probe it.
+
+    Pure logic with an injectable clock (``now`` in seconds, any monotonic origin).
+    """
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, _Estimate] = {}
+
+    def _get(self, name: str) -> _Estimate:
+        return self._by_name.setdefault(name, _Estimate())
+
+    def reported(self, name: str, full_ms: float) -> None:
+        """The neighbour's heartbeat said its whole model takes ``full_ms``."""
+        self._get(name).reported_ms = max(0.0, full_ms)
+
+    def observed(self, name: str, full_ms: float, now: float) -> None:
+        """One of its replies implies ``full_ms`` for the whole model."""
+        if not full_ms > 0:
+            return
+        entry = self._get(name)
+        fresh = now - entry.observed_at <= REPLY_FRESH_S and entry.samples
+        entry.observed_ms = (
+            (1 - REPLY_ALPHA) * entry.observed_ms + REPLY_ALPHA * full_ms if fresh else full_ms
+        )
+        entry.samples = entry.samples + 1 if fresh else 1
+        entry.observed_at = now
+
+    def sent(self, name: str, now: float) -> None:
+        self._get(name).sent_at = now
+
+    def full_ms(self, name: str, now: float) -> tuple[float, str]:
+        """(whole-model ms, "replies" | "heartbeat") to plan with; 0 when unknown."""
+        entry = self._by_name.get(name)
+        if entry is None:
+            return 0.0, "unknown"
+        if entry.samples and now - entry.observed_at <= REPLY_FRESH_S:
+            return entry.observed_ms, "replies"
+        return entry.reported_ms, "heartbeat"
+
+    def due_for_probe(self, name: str, now: float) -> bool:
+        entry = self._by_name.get(name)
+        return entry is None or now - entry.sent_at >= PROBE_INTERVAL_S
+
+    def describe(self, now: float) -> dict[str, dict[str, object]]:
+        out: dict[str, dict[str, object]] = {}
+        for name, entry in self._by_name.items():
+            full, source = self.full_ms(name, now)
+            out[name] = {
+                "full_ms": round(full, 2),
+                "source": source,
+                "samples": entry.samples if source == "replies" else 0,
+                "heartbeat_full_ms": round(entry.reported_ms, 2),
+            }
+        return out

@@ -33,7 +33,14 @@ from ccied.cache.keys import THUMBNAIL_SIDE
 from ccied.pruning import CodecError, MediaError
 from ccied.pruning.bundle import Bundle, Variant
 from ccied.pruning.codec import CodecConfig, TensorCodec
-from ccied.pruning.media import center_crop, decode_jpeg, encode_jpeg, normalize, thumbnail
+from ccied.pruning.media import (
+    center_crop,
+    decode_image,
+    encode_jpeg,
+    encode_lossless,
+    normalize,
+    thumbnail,
+)
 from ccied.pruning.transfer import projection_convs
 from torch import nn
 
@@ -44,6 +51,8 @@ T = TypeVar("T")
 RAW = "raw"  # float32 tensor on the wire
 CODEC = "codec"  # ccied.pruning.codec payload (uint8 bytes) on the wire
 JPEG = "jpeg"  # a JPEG of the input crop (uint8 bytes): the cloud-only baseline
+WEBP = "webp"  # the input crop as a lossless WebP (uint8 bytes): the faithful one
+IMAGE_FORMATS = {JPEG: "JPEG", WEBP: "WEBP"}
 MAX_JPEG_BYTES = 1 << 20
 
 
@@ -97,6 +106,8 @@ class _VariantRuntime:
     def encoding(self) -> str:
         if self.variant.jpeg_quality is not None:
             return JPEG
+        if self.variant.lossless:
+            return WEBP
         return RAW if self.codec is None else CODEC
 
     def payload_bytes(self) -> float:
@@ -104,6 +115,8 @@ class _VariantRuntime:
             return self.variant.bytes_per_frame
         if self.variant.jpeg_quality is not None:
             return 13_000.0  # JPEG q90 of a 224x224 frame, median of the bundled clips
+        if self.variant.lossless:
+            return 42_000.0  # lossless WebP of the same crops (media.encode_lossless)
         values = int(np.prod(self.wire_shape))
         return values * (4 if self.variant.bits is None else self.variant.bits / 8)
 
@@ -123,7 +136,7 @@ class ModelWorker:
         self.cache_point = bundle.model.split_point(bundle.cache_split)
         self.variants: dict[str, _VariantRuntime] = {}
         for variant in bundle.variants:
-            if variant.jpeg_quality is not None:
+            if variant.is_image:
                 self.variants[variant.name] = _VariantRuntime(variant, -1, None, None, None, ())
                 continue
             point = bundle.model.split_point(variant.split)
@@ -141,6 +154,7 @@ class ModelWorker:
         self.stage_ms = [1.0] * len(self.stages)
         # Crop, normalise and thumbnail one frame (measured by warm_up).
         self.prepare_ms = 1.0
+        self.last_busy = time.monotonic()
         self.full_ms_ewma = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccied-model")
         # The cache audit's full-model passes: a second thread at the lowest CPU
@@ -151,7 +165,10 @@ class ModelWorker:
 
     async def _run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn)
+        try:
+            return await loop.run_in_executor(self._executor, fn)
+        finally:
+            self.last_busy = time.monotonic()
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run other CPU work that belongs with the model (cache lookups) on its thread."""
@@ -163,6 +180,15 @@ class ModelWorker:
         if self.slowdown > 1.0:
             time.sleep(elapsed * (self.slowdown - 1.0))
         return (time.perf_counter() - start) * 1e3
+
+    async def remeasure(self) -> None:
+        """Time each stage again while idle, replacing the estimates neighbours plan with.
+
+        What a peer measured under start-up contention (459 ms for a cloud whose
+        tail takes 10-15 ms) would otherwise stand until it served a frame, and a
+        peer nobody sends frames to never would.
+        """
+        await self.warm_up()
 
     async def warm_up(self) -> None:
         """Run the model twice and time each stage, so routing starts informed."""
@@ -271,9 +297,10 @@ class ModelWorker:
                         cache_tensor = x.numpy().astype(np.float32, copy=True)
                     if index == runtime.index:
                         at_variant = x if runtime.encode is None else runtime.encode(x)
-            if runtime.variant.jpeg_quality is not None:
-                jpeg = encode_jpeg(crop, runtime.variant.jpeg_quality)
-                payload, encoding = np.frombuffer(jpeg, dtype=np.uint8), JPEG
+            if runtime.variant.is_image:
+                quality = runtime.variant.jpeg_quality
+                image = encode_lossless(crop) if quality is None else encode_jpeg(crop, quality)
+                payload, encoding = np.frombuffer(image, dtype=np.uint8), runtime.encoding
                 return HeadResult(
                     cache_tensor, payload, encoding, variant, x, last, self._emulate(start)
                 )
@@ -356,9 +383,9 @@ class ModelWorker:
         expected = runtime.encoding
         if encoding != expected:
             raise BadTensorError(f"variant {variant} travels as {expected}, got {encoding}")
-        if encoding == JPEG:
+        if encoding in IMAGE_FORMATS:
             if tensor.dtype != np.uint8 or tensor.ndim != 1 or tensor.size > MAX_JPEG_BYTES:
-                raise BadTensorError("a JPEG travels as one uint8 vector of at most 1 MiB")
+                raise BadTensorError("an image travels as one uint8 vector of at most 1 MiB")
             return runtime
         if encoding == RAW:
             if tuple(tensor.shape) != runtime.wire_shape:
@@ -380,10 +407,12 @@ class ModelWorker:
 
         def work() -> Prediction:
             start = time.perf_counter()
-            if runtime.variant.jpeg_quality is not None:
+            if runtime.variant.is_image:
                 size = self.model.spec.input_size
+                image_format = IMAGE_FORMATS[runtime.encoding]
                 try:
-                    x = normalize(decode_jpeg(tensor.tobytes(), size), self.model.spec)
+                    pixels = decode_image(tensor.tobytes(), size, image_format)
+                    x = normalize(pixels, self.model.spec)
                 except MediaError as exc:
                     raise BadTensorError(str(exc)) from exc
                 with torch.inference_mode():

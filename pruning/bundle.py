@@ -66,9 +66,11 @@ class Variant:
     split: str
     keep_ratio: float = 1.0  # < 1 needs a fitted projection in the bundle folder
     bits: int | None = 8  # codec bits; None sends raw float32
-    # Set for the cloud-only baseline: a JPEG of the model's input crop at this
-    # quality crosses instead of a tensor (split "input", bits None).
+    # Set for the cloud-only baselines: a JPEG of the model's input crop at this
+    # quality, or the crop as a lossless WebP, crosses instead of a tensor
+    # (split "input", bits None).
     jpeg_quality: int | None = None
+    lossless: bool = False
     # Measured by `ccied prepare` / `ccied bench transfer` on held-out real frames.
     agreement: float | None = None
     bytes_per_frame: float | None = None
@@ -82,8 +84,17 @@ class Variant:
             self.split != INPUT_SPLIT or self.bits is not None or not 1 <= self.jpeg_quality <= 100
         ):
             raise ModelError(f"variant {self.name}: a JPEG variant has split 'input', no bits")
-        if self.split == INPUT_SPLIT and self.jpeg_quality is None:
-            raise ModelError(f"variant {self.name}: the input travels only as a JPEG")
+        if self.lossless and (
+            self.split != INPUT_SPLIT or self.bits is not None or self.jpeg_quality is not None
+        ):
+            raise ModelError(f"variant {self.name}: a lossless variant has split 'input', no bits")
+        if self.split == INPUT_SPLIT and self.jpeg_quality is None and not self.lossless:
+            raise ModelError(f"variant {self.name}: the input travels only as an image")
+
+    @property
+    def is_image(self) -> bool:
+        """The input crop crosses as an image (JPEG or lossless), no stage runs before."""
+        return self.jpeg_quality is not None or self.lossless
 
 
 # Figures from `ccied prepare` (defaults) on the bundled clips: every 3rd frame,
@@ -102,6 +113,11 @@ BUILTIN_VARIANTS = (
     Variant("blocks.11-raw", "blocks.11", 1.0, None, agreement=1.0, bytes_per_frame=37632),
     Variant(
         "jpeg-q90", INPUT_SPLIT, 1.0, None, jpeg_quality=90, agreement=0.824, bytes_per_frame=13582
+    ),
+    # The crop as a lossless WebP: the faithful cloud-only baseline, and an
+    # option for ccied's planner on a fast uplink (42 KB median on the clips).
+    Variant(
+        "lossless", INPUT_SPLIT, 1.0, None, lossless=True, agreement=1.0, bytes_per_frame=42268
     ),
 )
 DEFAULT_VARIANT = "blocks.11-b6"
@@ -153,6 +169,7 @@ def _identity(
                 "keep_ratio": v.keep_ratio,
                 "bits": v.bits,
                 **({"jpeg_quality": v.jpeg_quality} if v.jpeg_quality is not None else {}),
+                **({"lossless": True} if v.lossless else {}),
             }
             for v in variants
         ],
@@ -270,6 +287,7 @@ def load_bundle(folder: Path) -> Bundle:
                 keep_ratio=float(v["keep_ratio"]),
                 bits=None if v["bits"] is None else int(v["bits"]),
                 jpeg_quality=None if v.get("jpeg_quality") is None else int(v["jpeg_quality"]),
+                lossless=v.get("lossless") is True,
                 agreement=_optional_float(measured.get(v["name"], {}).get("agreement")),
                 bytes_per_frame=_optional_float(measured.get(v["name"], {}).get("bytes_per_frame")),
             )

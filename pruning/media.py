@@ -114,15 +114,33 @@ def encode_jpeg(crop: np.ndarray, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def decode_jpeg(data: bytes, size: int) -> np.ndarray:
-    """A JPEG of a size x size crop back to RGB uint8; MediaError for anything else."""
+def encode_lossless(crop: np.ndarray) -> bytes:
+    """Lossless WebP of an RGB uint8 crop (the faithful cloud-only baseline).
+
+    Method 0, the fastest: on the 224x224 crops of the bundled clips 42 KB
+    median in about 5-10 ms here, against 37 KB in 70 ms at method 4 and 63 KB
+    in 6 ms for PNG at level 1 (2026-11-30); on a slow camera the encode is
+    paid on the device, so speed wins over the last 12%.
+    """
+    buffer = io.BytesIO()
+    Image.fromarray(crop).save(buffer, format="WEBP", lossless=True, method=0, quality=0)
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes, size: int, image_format: str) -> np.ndarray:
+    """A ``size`` x ``size`` image of ``image_format`` ("JPEG" or "WEBP") -> RGB uint8.
+
+    MediaError for anything else: another format, another size, broken bytes.
+    """
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.format != "JPEG" or image.size != (size, size):
-                raise MediaError(f"expected a {size}x{size} JPEG, got {image.format} {image.size}")
+            if image.format != image_format or image.size != (size, size):
+                raise MediaError(
+                    f"expected a {size}x{size} {image_format}, got {image.format} {image.size}"
+                )
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise MediaError(f"not a readable JPEG ({exc})") from exc
+        raise MediaError(f"not a readable {image_format} ({exc})") from exc
 
 
 def load_image(path: Path) -> np.ndarray:

@@ -39,8 +39,9 @@ from ccied.pruning.codec import CodecConfig, TensorCodec
 from ccied.pruning.media import (
     bundled_clips,
     center_crop,
-    decode_jpeg,
+    decode_image,
     encode_jpeg,
+    encode_lossless,
     iter_frames,
     normalize,
     thumbnail,
@@ -107,9 +108,7 @@ def prepare_bundle(
         config.bits,
     )
     variants = [chosen, *(v for v in BUILTIN_VARIANTS if v.name != chosen.name)]
-    split_index = {
-        v.split: model.split_point(v.split).index for v in variants if v.jpeg_quality is None
-    }
+    split_index = {v.split: model.split_point(v.split).index for v in variants if not v.is_image}
     cache_index = model.split_point(config.cache_split).index
 
     frames: list[np.ndarray] = []
@@ -143,8 +142,8 @@ def prepare_bundle(
     rows = []
     held = np.flatnonzero(~fit_mask)
     for variant in tqdm(variants, desc="variants", disable=not progress):
-        if variant.jpeg_quality is not None:
-            agreement, bytes_median = _measure_jpeg(
+        if variant.is_image:
+            agreement, bytes_median = _measure_image(
                 model, [frames[i] for i in held], label_array[held], variant.jpeg_quality
             )
             measured.append(replace(variant, agreement=agreement, bytes_per_frame=bytes_median))
@@ -155,6 +154,7 @@ def prepare_bundle(
                     "keep_ratio": 1.0,
                     "bits": None,
                     "jpeg_quality": variant.jpeg_quality,
+                    "lossless": variant.lossless,
                     "agreement": round(agreement, 4),
                     "bytes_per_frame": bytes_median,
                     "fp32_bytes": 3 * model.spec.input_size**2 * 4,
@@ -239,17 +239,22 @@ def prepare_bundle(
     return PrepareReport(bundle_id, out, rows, calibration, frames_info)
 
 
-def _measure_jpeg(
-    model: StagedModel, frames: list[np.ndarray], labels: np.ndarray, quality: int
+def _measure_image(
+    model: StagedModel, frames: list[np.ndarray], labels: np.ndarray, quality: int | None
 ) -> tuple[float, float]:
-    """Agreement and median bytes when the input crop crosses as a JPEG."""
+    """Agreement and median bytes when the input crop crosses as a JPEG of ``quality``
+    (None: as a lossless WebP)."""
     size = model.spec.input_size
     agree, sizes = 0, []
     with torch.inference_mode():
         for pixels, label in zip(frames, labels, strict=True):
-            jpeg = encode_jpeg(center_crop(pixels, size), quality)
-            sizes.append(len(jpeg))
-            x = normalize(decode_jpeg(jpeg, size), model.spec)
+            crop = center_crop(pixels, size)
+            if quality is None:
+                image, image_format = encode_lossless(crop), "WEBP"
+            else:
+                image, image_format = encode_jpeg(crop, quality), "JPEG"
+            sizes.append(len(image))
+            x = normalize(decode_image(image, size, image_format), model.spec)
             agree += int(int(model.full()(x).argmax()) == label)
     return agree / max(1, len(frames)), float(np.median(sizes))
 

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from ccied.peer.routing import DEFAULT_BANDWIDTH_MBPS, Candidate, TargetKind, plan
+from ccied.peer.routing import (
+    DEFAULT_BANDWIDTH_MBPS,
+    PROBE_INTERVAL_S,
+    REPLY_FRESH_S,
+    Candidate,
+    TailEstimates,
+    TargetKind,
+    plan,
+)
 
 LOCAL = Candidate("me", TargetKind.LOCAL, "", tail_ms=40.0, queue_length=0)
 TENSOR_BYTES = 37_632
@@ -53,3 +61,31 @@ def test_the_local_queue_counts() -> None:
 def test_plan_needs_its_local_tail() -> None:
     with pytest.raises(ValueError, match="exactly one local"):
         plan([remote("a")], TENSOR_BYTES)
+
+
+def test_a_neighbours_estimate_follows_its_replies_not_its_start_up_figure() -> None:
+    estimates = TailEstimates()
+    # The cloud timed itself under start-up contention.
+    estimates.reported("cloud1", 459.0)
+    assert estimates.full_ms("cloud1", now=0.0) == (459.0, "heartbeat")
+    # Its replies say otherwise: the first replaces the figure, later ones average.
+    estimates.observed("cloud1", 12.0, now=1.0)
+    assert estimates.full_ms("cloud1", now=1.0) == (12.0, "replies")
+    estimates.observed("cloud1", 22.0, now=2.0)
+    full, source = estimates.full_ms("cloud1", now=2.0)
+    assert source == "replies" and 12.0 < full < 22.0
+    # Replies go stale; the heartbeat figure (by then re-measured) is used again.
+    estimates.reported("cloud1", 14.0)
+    assert estimates.full_ms("cloud1", now=2.0 + REPLY_FRESH_S + 1) == (14.0, "heartbeat")
+    assert estimates.describe(now=3.0)["cloud1"]["source"] == "replies"
+
+
+def test_a_neighbour_not_sent_anything_for_a_while_is_due_for_a_probe() -> None:
+    estimates = TailEstimates()
+    assert estimates.due_for_probe("peer2", now=0.0)
+    estimates.sent("peer2", now=100.0)
+    assert not estimates.due_for_probe("peer2", now=100.0 + PROBE_INTERVAL_S / 2)
+    assert estimates.due_for_probe("peer2", now=100.0 + PROBE_INTERVAL_S)
+    # A reply of no time says nothing.
+    estimates.observed("peer2", 0.0, now=101.0)
+    assert estimates.full_ms("peer2", now=101.0)[1] == "heartbeat"
