@@ -157,10 +157,11 @@ class PeerCache:
         """File a frame a deeper key answered under its key at ``depth`` too (kept with
         the answering entry's origin, so the audit blames the right peer; not shared)."""
         cache = self.tiers.cache(depth)
-        self._submit(
-            lambda: cache.insert(feature, label, confidence, origin, self.bundle_id) and None,
-            "cache-promote",
-        )
+
+        def insert() -> None:
+            cache.insert(feature, label, confidence, origin, self.bundle_id)
+
+        self._submit(insert, "cache-promote")
 
     def insert_shared(self, depth: str, entries: list[tuple[np.ndarray, int, float, str]]) -> None:
         """Queue a neighbour's checked entries (kept with their origin, never shared on)."""

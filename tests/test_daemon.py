@@ -378,17 +378,20 @@ def test_the_planner_picks_the_variant_by_bandwidth_and_sends_what_it_promises(
             variant = variants[chosen[mbps]]
             for result, pixels in zip(results, bikes_frames[:3], strict=True):
                 if result.source == "cloud":
-                    # The codec payload the bundle promises, plus a small header.
-                    assert result.bytes_sent < variant["payload_bytes"] * 1.5 + 400
+                    # The payload the bundle promises (a median: a lossless image
+                    # varies more with the scene), plus a small header.
+                    spread = 2.0 if chosen[mbps] == "lossless" else 1.5
+                    assert result.bytes_sent < variant["payload_bytes"] * spread + 400
                     assert (
                         result.label == full_model_label(model, pixels)
                         or variant["agreement"] < 1.0
                     )
             edge.stop()
         # A slow uplink favours the smaller payload at the later split (above the
-        # fidelity floor); a fast one the earlier split, moving work off the edge.
+        # fidelity floor); a fast one sends the input itself, losslessly, moving
+        # all the work off the slow edge.
         assert chosen["0.2"] == "blocks.11-b6"
-        assert chosen["1000"] == "blocks.7-b8"
+        assert chosen["1000"] == "lossless"
     finally:
         for edge in edges.values():
             edge.stop()
