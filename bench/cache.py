@@ -56,6 +56,7 @@ from ccied.cache import (
 from ccied.cache.audit import DECISIVE_CONFIDENCE
 from ccied.cache.policy import Calibration, calibrate_or_default
 from ccied.cache.store import StoredEntry
+from ccied.peer.argtypes import fraction, positive_int
 from ccied.pruning import Frame
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs in the dev extras
 
@@ -694,28 +695,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plot", type=Path, default=Path("cache_curve.png"), help="PNG of hits per key depth"
     )
-    parser.add_argument("--target-fidelity", type=_fraction, default=0.99)
+    parser.add_argument("--target-fidelity", type=fraction, default=0.99)
     parser.add_argument(
-        "--every", type=_positive, help="use every N-th clip frame (default 2; quick 3)"
+        "--every", type=positive_int, help="use every N-th clip frame (default 2; quick 3)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--no-peer", action="store_true", help="skip the hit latency through a real peer"
     )
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

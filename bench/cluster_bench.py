@@ -54,6 +54,7 @@ import torch
 from ccied.bench.cluster import PeerProcess, free_tcp_port, runtime_folder
 from ccied.bench.demo import percentile
 from ccied.bench.workloads import WORKLOADS, CameraStream, cluster_workloads
+from ccied.peer import argtypes
 from ccied.peer.client import Client, FrameResult
 from ccied.pruning import load_model, preprocess
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs in the dev extras
@@ -248,33 +249,6 @@ def faithful(row: dict[str, Any]) -> bool:
     return decisive is None or decisive >= FAITHFUL_DECISIVE
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def _slowdown(text: str) -> float:
-    value = _positive(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a slowdown is at least 1 (this machine), got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="static and overlap, 10x devices only (minutes)"
@@ -285,15 +259,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=WORKLOADS,
         help=f"camera workloads (default: all; quick: {' '.join(QUICK_WORKLOADS)})",
     )
-    parser.add_argument("--bandwidths", type=_positive, nargs="+", help="Mbit/s to sweep")
     parser.add_argument(
-        "--slowdowns", type=_slowdown, nargs="+", help="device slowdowns to sweep (>= 1)"
+        "--bandwidths", type=argtypes.positive_float, nargs="+", help="Mbit/s to sweep"
+    )
+    parser.add_argument(
+        "--slowdowns", type=argtypes.slowdown, nargs="+", help="device slowdowns to sweep (>= 1)"
     )
     parser.add_argument("--rtt-ms", type=float, default=DEFAULT_RTT_MS)
-    parser.add_argument("--cameras", type=_count, help="cameras on the overlap scene (2 or 3)")
-    parser.add_argument("--frames", type=_count, help="frames per camera (default 24; quick 16)")
     parser.add_argument(
-        "--every", type=_count, default=DEFAULT_EVERY, help="use every N-th video frame"
+        "--cameras", type=argtypes.positive_int, help="cameras on the overlap scene (2 or 3)"
+    )
+    parser.add_argument(
+        "--frames", type=argtypes.positive_int, help="frames per camera (default 24; quick 16)"
+    )
+    parser.add_argument(
+        "--every",
+        type=argtypes.positive_int,
+        default=DEFAULT_EVERY,
+        help="use every N-th video frame",
     )
     parser.add_argument(
         "--strategies", nargs="+", choices=sorted(STRATEGIES), help="default: all seven"

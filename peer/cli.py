@@ -26,6 +26,7 @@ from ccied.cache.policy import (
     THUMBNAIL_THRESHOLD_L2,
 )
 from ccied.cache.semantic import DEFAULT_CAPACITY
+from ccied.peer.argtypes import positive_int, unit_interval
 from ccied.peer.client import Client, FrameResult
 from ccied.peer.daemon import (
     DEFAULT_LISTEN,
@@ -199,13 +200,13 @@ def _add_peer_parser(sub: Any) -> None:
     )
     c.add_argument(
         "--cache-answer-floor",
-        type=_unit_interval,
+        type=unit_interval,
         help=f"least confidence the full model had on an entry's own frame for the entry to "
         f"answer (default {DEFAULT_ANSWER_FLOOR}: only decisive answers are reused)",
     )
     c.add_argument(
         "--audit-rate",
-        type=_unit_interval,
+        type=unit_interval,
         help=f"share of cache hits re-checked by the full model off the critical path "
         f"(default {DEFAULT_AUDIT_RATE}: 1 in {round(1 / DEFAULT_AUDIT_RATE)}; 0: no audit)",
     )
@@ -270,28 +271,6 @@ def _add_peer_parser(sub: Any) -> None:
         "--cloud peer, or none",
     )
     p.set_defaults(func=cmd_peer)
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
 
 
 def _load_config(path: Path | None) -> dict[str, Any]:
@@ -858,7 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     d.add_argument(
-        "--every", type=_positive_int, default=4, help="use every N-th video frame (default 4)"
+        "--every", type=positive_int, default=4, help="use every N-th video frame (default 4)"
     )
     d.add_argument(
         "--limit", type=int, default=None, help="about this many frames per clip per camera"

@@ -333,7 +333,7 @@ class Cluster:
                 self._target(address, key).quiet = False
                 self._drop(address, keep=key)  # the other keys tried there are wrong
             self._names[address] = pong.name
-            self.estimates.reported(pong.name, pong.full_ms)
+            self.estimates.reported(pong.name, pong.full_ms, time.monotonic())
             known = self.table.get(pong.name)
             if (
                 known is None

@@ -1063,17 +1063,7 @@ class PeerDaemon:
             route = plan([local, *remotes], int(payload.nbytes))
         for target in route[:-1]:
             exchange = await self.cluster.request(
-                target,
-                InferRequest(
-                    request_id=uuid.uuid4().hex,
-                    bundle_id=self.bundle_id,
-                    origin=self.config.name,
-                    variant=head.variant,
-                    encoding=head.encoding,
-                    deadline_ms=self.config.remote_timeout_s * 1e3,
-                    tensor=payload,
-                ),
-                self.config.remote_timeout_s,
+                target, self._infer_request(head), self.config.remote_timeout_s
             )
             bytes_sent += exchange.bytes_sent
             bytes_received += exchange.bytes_received
@@ -1126,6 +1116,19 @@ class PeerDaemon:
             variant=head.variant,
         )
 
+    def _infer_request(self, head: HeadResult) -> InferRequest:
+        """The message that asks a neighbour for the tail of this head's payload."""
+        assert head.payload is not None, "complete() the head before sending it"
+        return InferRequest(
+            request_id=uuid.uuid4().hex,
+            bundle_id=self.bundle_id,
+            origin=self.config.name,
+            variant=head.variant,
+            encoding=head.encoding,
+            deadline_ms=self.config.remote_timeout_s * 1e3,
+            tensor=head.payload,
+        )
+
     def _observe_tail(self, name: str, variant: str, tail_ms: float) -> None:
         """A neighbour's reply says how long its tail took: its whole model, scaled."""
         if self.cluster is None:
@@ -1140,7 +1143,7 @@ class PeerDaemon:
         assert self.cluster is not None
         now = time.monotonic()
         for candidate in self.cluster.candidates():
-            if candidate.name == answered_by:
+            if candidate.name == answered_by or candidate.queue_length > 0:
                 continue
             if not self.cluster.estimates.due_for_probe(candidate.name, now):
                 continue
@@ -1150,17 +1153,7 @@ class PeerDaemon:
     async def _probe(self, candidate: Candidate, head: HeadResult) -> None:
         assert self.cluster is not None and head.payload is not None
         exchange = await self.cluster.request(
-            candidate,
-            InferRequest(
-                request_id=uuid.uuid4().hex,
-                bundle_id=self.bundle_id,
-                origin=self.config.name,
-                variant=head.variant,
-                encoding=head.encoding,
-                deadline_ms=self.config.remote_timeout_s * 1e3,
-                tensor=head.payload,
-            ),
-            self.config.remote_timeout_s,
+            candidate, self._infer_request(head), self.config.remote_timeout_s
         )
         if isinstance(exchange.reply, InferResult):
             self._observe_tail(candidate.name, head.variant, exchange.reply.tail_ms)

@@ -66,8 +66,11 @@ def plan(candidates: Sequence[Candidate], payload_bytes: int) -> list[Candidate]
 # - replies older than this are stale; its heartbeat figure is used again.
 REPLY_ALPHA = 0.3
 REPLY_FRESH_S = 30.0
-# A neighbour not sent a frame for this long gets a copy of a miss's payload in
-# the background (the answer is not used): its estimate stays measured.
+# A neighbour not sent a frame for this long (or since it was first heard of)
+# gets a copy of a miss's payload in the background when its queue is empty (the
+# answer is not used): its estimate stays measured. Not at once: in `ccied bench
+# cluster` probing every camera's neighbours at first sight put a full-model job
+# (500 ms at 10x) on each slow camera as its own stream started, and doubled p95.
 PROBE_INTERVAL_S = 10.0
 
 
@@ -92,8 +95,10 @@ class TailEstimates:
     def _get(self, name: str) -> _Estimate:
         return self._by_name.setdefault(name, _Estimate())
 
-    def reported(self, name: str, full_ms: float) -> None:
+    def reported(self, name: str, full_ms: float, now: float | None = None) -> None:
         """The neighbour's heartbeat said its whole model takes ``full_ms``."""
+        if name not in self._by_name and now is not None:
+            self._by_name[name] = _Estimate(sent_at=now)  # first heard of: not due yet
         self._get(name).reported_ms = max(0.0, full_ms)
 
     def observed(self, name: str, full_ms: float, now: float) -> None:
@@ -122,7 +127,7 @@ class TailEstimates:
 
     def due_for_probe(self, name: str, now: float) -> bool:
         entry = self._by_name.get(name)
-        return entry is None or now - entry.sent_at >= PROBE_INTERVAL_S
+        return entry is not None and now - entry.sent_at >= PROBE_INTERVAL_S
 
     def describe(self, now: float) -> dict[str, dict[str, object]]:
         out: dict[str, dict[str, object]] = {}

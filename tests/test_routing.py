@@ -82,7 +82,10 @@ def test_a_neighbours_estimate_follows_its_replies_not_its_start_up_figure() -> 
 
 def test_a_neighbour_not_sent_anything_for_a_while_is_due_for_a_probe() -> None:
     estimates = TailEstimates()
-    assert estimates.due_for_probe("peer2", now=0.0)
+    assert not estimates.due_for_probe("peer2", now=0.0)  # never heard of
+    estimates.reported("peer2", 50.0, now=90.0)  # first heard of: not at once
+    assert not estimates.due_for_probe("peer2", now=91.0)
+    assert estimates.due_for_probe("peer2", now=90.0 + PROBE_INTERVAL_S)
     estimates.sent("peer2", now=100.0)
     assert not estimates.due_for_probe("peer2", now=100.0 + PROBE_INTERVAL_S / 2)
     assert estimates.due_for_probe("peer2", now=100.0 + PROBE_INTERVAL_S)
