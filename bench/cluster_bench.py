@@ -56,6 +56,7 @@ from ccied.bench.demo import percentile
 from ccied.bench.workloads import WORKLOADS, CameraStream, cluster_workloads
 from ccied.peer import argtypes
 from ccied.peer.client import Client, FrameResult
+from ccied.peer.errors import PeerError
 from ccied.pruning import load_model, preprocess
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs in the dev extras
 
@@ -288,9 +289,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=Path("cluster_latency.png"))
     parser.add_argument("--markdown", type=Path, help="write the tables here as Markdown")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        metavar="REPORT",
+        help="run nothing: merge these reports (a sweep run in parts) into the tables, "
+        "JSON and plot",
+    )
+
+
+def merge_reports(paths: Sequence[Path]) -> dict[str, Any]:
+    """Several runs' JSON as one report (a sweep run in parts); later settings win."""
+    merged: dict[str, Any] = {}
+    settings: dict[tuple[str, float, float], dict[str, Any]] = {}
+    seconds = 0.0
+    for path in paths:
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+            for setting in report["settings"]:
+                key = (setting["workload"], setting["bandwidth_mbps"], setting["device_slowdown"])
+                settings[key] = setting
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PeerError(f"{path}: not a report of `ccied bench cluster` ({exc})") from exc
+        seconds += float(report.get("seconds", 0.0))
+        merged.update({k: v for k, v in report.items() if k != "settings"})
+    order = {w: i for i, w in enumerate(WORKLOADS)}
+    merged["settings"] = [
+        settings[key] for key in sorted(settings, key=lambda k: (order.get(k[0], 99), k[2], k[1]))
+    ]
+    merged["seconds"] = round(seconds, 1)
+    merged["merged_from"] = [str(p) for p in paths]
+    return merged
+
+
+def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> None:
+    tables = markdown_tables(report)
+    print(tables)
+    print(f"({report['seconds']} s)")
+    if args.markdown:
+        args.markdown.write_text(tables + "\n", encoding="utf-8")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"plot: {args.plot}")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.from_json:
+        write_outputs(merge_reports(args.from_json), args)
+        return 0
     started = time.perf_counter()
     quick = bool(args.quick)
     bandwidths = args.bandwidths or (QUICK_BANDWIDTHS if quick else DEFAULT_BANDWIDTHS)
@@ -375,16 +424,7 @@ def run(args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} threads",
         "seconds": round(time.perf_counter() - started, 1),
     }
-    tables = markdown_tables(report)
-    print(tables)
-    print(f"({report['seconds']} s)")
-    if args.markdown:
-        args.markdown.write_text(tables + "\n", encoding="utf-8")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    if args.plot:
-        plot(report, args.plot)
-        print(f"plot: {args.plot}")
+    write_outputs(report, args)
     return 0
 
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from ccied.bench.cluster_bench import faithful, floor_ms, markdown_tables, summarise
+from ccied.bench.cluster_bench import (
+    faithful,
+    floor_ms,
+    markdown_tables,
+    merge_reports,
+    summarise,
+)
 from ccied.peer.client import FrameResult
+from ccied.peer.errors import PeerError
 
 
 def _row(mean_ms: float, decisive: float, every: float) -> dict[str, Any]:
@@ -115,3 +123,33 @@ def test_bad_options_are_a_one_line_error(tmp_path: Path, argv: list[str], messa
     )
     assert done.returncode == 2 and message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_sweep_run_in_parts_merges_into_one_report(tmp_path: Path) -> None:
+    def report(workload: str, bandwidth: float, mean_ms: float) -> dict[str, Any]:
+        setting = {
+            "workload": workload,
+            "bandwidth_mbps": bandwidth,
+            "device_slowdown": 10.0,
+            "rtt_ms": 20.0,
+            "strategies": {"edge_only": _row(mean_ms, 1.0, 1.0)},
+        }
+        return {"settings": [setting], "seconds": 10.0, "date": "2026-11-30"}
+
+    parts = []
+    for i, (workload, bandwidth, mean_ms) in enumerate(
+        [("overlap", 10.0, 300.0), ("static", 100.0, 200.0), ("static", 10.0, 250.0)]
+    ):
+        path = tmp_path / f"part{i}.json"
+        path.write_text(json.dumps(report(workload, bandwidth, mean_ms)))
+        parts.append(path)
+    # The same setting again: the later run wins.
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps(report("static", 10.0, 240.0)))
+    merged = merge_reports([*parts, again])
+    keys = [(s["workload"], s["bandwidth_mbps"]) for s in merged["settings"]]
+    assert keys == [("static", 10.0), ("static", 100.0), ("overlap", 10.0)]
+    assert merged["settings"][0]["strategies"]["edge_only"]["mean_ms"] == 240.0
+    assert merged["seconds"] == 40.0 and len(merged["merged_from"]) == 4
+    with pytest.raises(PeerError, match="not a report"):
+        merge_reports([tmp_path / "missing.json"])
