@@ -374,13 +374,13 @@ def test_the_planner_picks_the_variant_by_bandwidth_and_sends_what_it_promises(
             with Client(edge.socket_path) as client:
                 results = [client.submit(p, f"f{i}") for i, p in enumerate(bikes_frames[:3])]
                 variants = {v["name"]: v for v in client.status()["variants"]}
-            (chosen[mbps],) = {r.variant for r in results}
-            variant = variants[chosen[mbps]]
+            chosen[mbps] = {r.variant for r in results}
             for result, pixels in zip(results, bikes_frames[:3], strict=True):
+                variant = variants[result.variant]
                 if result.source == "cloud":
                     # The payload the bundle promises (a median: a lossless image
                     # varies more with the scene), plus a small header.
-                    spread = 2.0 if chosen[mbps] == "lossless" else 1.5
+                    spread = 2.0 if result.variant == "lossless" else 1.5
                     assert result.bytes_sent < variant["payload_bytes"] * spread + 400
                     assert (
                         result.label == full_model_label(model, pixels)
@@ -388,10 +388,11 @@ def test_the_planner_picks_the_variant_by_bandwidth_and_sends_what_it_promises(
                     )
             edge.stop()
         # A slow uplink favours the smaller payload at the later split (above the
-        # fidelity floor); a fast one sends the input itself, losslessly, moving
-        # all the work off the slow edge.
-        assert chosen["0.2"] == "blocks.11-b6"
-        assert chosen["1000"] == "lossless"
+        # fidelity floor); a fast one an earlier split or the input itself,
+        # losslessly, moving work off the slow edge (the two are close there, and
+        # the cloud's measured tail time decides from frame to frame).
+        assert chosen["0.2"] == {"blocks.11-b6"}
+        assert chosen["1000"] and chosen["1000"] <= {"lossless", "blocks.7-b8"}
     finally:
         for edge in edges.values():
             edge.stop()
