@@ -10,7 +10,7 @@ always the last resort, so every frame gets exactly one answer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 # Used until a link has been measured: a conservative LAN figure.
@@ -59,12 +59,17 @@ def plan(candidates: Sequence[Candidate], payload_bytes: int) -> list[Candidate]
 
 
 # A neighbour's tail time, as this peer sees it (TailEstimates):
-# - from its replies: each answer's tail time, scaled to the whole model, in a
-#   moving average that replaces the neighbour's own start-up figure. A cloud
-#   that timed itself at 459 ms under start-up contention was never used again
-#   while its heartbeats kept saying so (issue 11); its replies say 10-15 ms.
+# - from its replies: each answer's tail time, scaled to the whole model; the
+#   median of the last REPLY_WINDOW replies replaces the neighbour's own figure
+#   once there are REPLY_MIN_SAMPLES of them. A cloud that timed itself at 459 ms
+#   under start-up contention was never used again while its heartbeats kept
+#   saying so (issue 11); its replies say 10-15 ms. A median, not a moving
+#   average, and not from the first reply: in a CI run on a loaded box one slow
+#   reply made the cloud look slower than a 4x edge's own tail and sent frames
+#   back to the edge.
 # - replies older than this are stale; its heartbeat figure is used again.
-REPLY_ALPHA = 0.3
+REPLY_WINDOW = 8
+REPLY_MIN_SAMPLES = 3
 REPLY_FRESH_S = 30.0
 # A neighbour not sent a frame for this long (or since it was first heard of)
 # gets a copy of a miss's payload in the background when its queue is empty (the
@@ -77,10 +82,21 @@ PROBE_INTERVAL_S = 10.0
 @dataclass
 class _Estimate:
     reported_ms: float = 0.0  # the neighbour's own figure, from its heartbeats
-    observed_ms: float = 0.0  # from its replies (moving average)
-    samples: int = 0
+    replies: list[float] = field(default_factory=list)  # the last REPLY_WINDOW, in ms
     observed_at: float = -1e18
     sent_at: float = -1e18
+
+    @property
+    def samples(self) -> int:
+        return len(self.replies)
+
+    @property
+    def observed_ms(self) -> float:
+        ordered = sorted(self.replies)
+        middle = len(ordered) // 2
+        if len(ordered) % 2:
+            return ordered[middle]
+        return (ordered[middle - 1] + ordered[middle]) / 2
 
 
 class TailEstimates:
@@ -106,11 +122,9 @@ class TailEstimates:
         if not full_ms > 0:
             return
         entry = self._get(name)
-        fresh = now - entry.observed_at <= REPLY_FRESH_S and entry.samples
-        entry.observed_ms = (
-            (1 - REPLY_ALPHA) * entry.observed_ms + REPLY_ALPHA * full_ms if fresh else full_ms
-        )
-        entry.samples = entry.samples + 1 if fresh else 1
+        if now - entry.observed_at > REPLY_FRESH_S:
+            entry.replies.clear()  # stale: start over
+        entry.replies = [*entry.replies, full_ms][-REPLY_WINDOW:]
         entry.observed_at = now
 
     def sent(self, name: str, now: float) -> None:
@@ -121,7 +135,7 @@ class TailEstimates:
         entry = self._by_name.get(name)
         if entry is None:
             return 0.0, "unknown"
-        if entry.samples and now - entry.observed_at <= REPLY_FRESH_S:
+        if entry.samples >= REPLY_MIN_SAMPLES and now - entry.observed_at <= REPLY_FRESH_S:
             return entry.observed_ms, "replies"
         return entry.reported_ms, "heartbeat"
 

@@ -68,12 +68,16 @@ def test_a_neighbours_estimate_follows_its_replies_not_its_start_up_figure() -> 
     # The cloud timed itself under start-up contention.
     estimates.reported("cloud1", 459.0)
     assert estimates.full_ms("cloud1", now=0.0) == (459.0, "heartbeat")
-    # Its replies say otherwise: the first replaces the figure, later ones average.
+    # Its replies say otherwise: from the third on, their median replaces the
+    # figure, and one slow reply does not move it.
     estimates.observed("cloud1", 12.0, now=1.0)
-    assert estimates.full_ms("cloud1", now=1.0) == (12.0, "replies")
-    estimates.observed("cloud1", 22.0, now=2.0)
+    estimates.observed("cloud1", 14.0, now=1.5)
+    assert estimates.full_ms("cloud1", now=1.5) == (459.0, "heartbeat")
+    estimates.observed("cloud1", 13.0, now=1.8)
+    assert estimates.full_ms("cloud1", now=1.8) == (13.0, "replies")
+    estimates.observed("cloud1", 300.0, now=2.0)  # one slow reply
     full, source = estimates.full_ms("cloud1", now=2.0)
-    assert source == "replies" and 12.0 < full < 22.0
+    assert source == "replies" and 13.0 <= full <= 14.0
     # Replies go stale; the heartbeat figure (by then re-measured) is used again.
     estimates.reported("cloud1", 14.0)
     assert estimates.full_ms("cloud1", now=2.0 + REPLY_FRESH_S + 1) == (14.0, "heartbeat")
