@@ -36,10 +36,10 @@ from ccied.peer.daemon import (
     PeerConfig,
     PeerDaemon,
     Role,
-    default_socket_path,
 )
 from ccied.peer.errors import PeerError, RequestFailedError
 from ccied.peer.keys import KEY_CHARS, KeyStore, check_key, default_state_dir
+from ccied.peer.paths import default_socket_path
 from ccied.pruning import DEFAULT_MODEL, PruningError, iter_frames
 from ccied.pruning.bundle import DEFAULT_CACHE_SPLIT
 from ccied.pruning.planner import DEFAULT_FIDELITY_FLOOR

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 import zmq
-from ccied.peer.daemon import default_socket_path, runtime_dir
 from ccied.peer.errors import PeerUnavailableError, ProtocolError, RequestFailedError
+from ccied.peer.paths import default_socket_path, runtime_dir
 from ccied.peer.wire import (
     CacheCommand,
     CacheOp,

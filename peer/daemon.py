@@ -134,19 +134,6 @@ class Role(StrEnum):
     CLOUD = "cloud"
 
 
-def runtime_dir() -> Path:
-    """Per-user folder for local sockets: $XDG_RUNTIME_DIR/ccied or /tmp/ccied-UID."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base:
-        return Path(base) / "ccied"
-    return Path(f"/tmp/ccied-{os.getuid()}")
-
-
-def default_socket_path(name: str) -> Path:
-    """Where a peer called ``name`` listens for applications unless told otherwise."""
-    return runtime_dir() / f"{name}.sock"
-
-
 @dataclass(frozen=True)
 class PeerConfig:
     """Everything a daemon needs; only the CLI reads argv and config files."""
