@@ -10,13 +10,11 @@ import logging
 import os
 import signal
 import sys
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ccied.cache.audit import DEFAULT_AUDIT_RATE
-from ccied.cache.keys import THUMBNAIL_KEY
 from ccied.cache.policy import (
     DEFAULT_ANSWER_FLOOR,
     DEFAULT_K,
@@ -28,60 +26,22 @@ from ccied.cache.policy import (
 from ccied.cache.semantic import DEFAULT_CAPACITY
 from ccied.peer.argtypes import positive_int, unit_interval
 from ccied.peer.client import Client, FrameResult
+from ccied.peer.config import LOG_LEVELS, load_config, peer_config
 from ccied.peer.daemon import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_PENDING,
     DEFAULT_REMOTE_TIMEOUT_S,
     SHARED_FROM,
-    PeerConfig,
     PeerDaemon,
     Role,
 )
 from ccied.peer.errors import PeerError, RequestFailedError
 from ccied.peer.keys import KEY_CHARS, KeyStore, check_key, default_state_dir
-from ccied.peer.paths import default_socket_path
 from ccied.pruning import DEFAULT_MODEL, PruningError, iter_frames
 from ccied.pruning.bundle import DEFAULT_CACHE_SPLIT
 from ccied.pruning.planner import DEFAULT_FIDELITY_FLOOR
 
 log = logging.getLogger("ccied")
-
-# Keys a --config TOML file may set for `ccied peer` (same names as the options).
-CONFIG_KEYS = {
-    "role",
-    "name",
-    "listen",
-    "socket",
-    "model",
-    "variant",
-    "variants",
-    "always_offload",
-    "fidelity_floor",
-    "cloud",
-    "peer",
-    "remote_timeout_s",
-    "max_pending",
-    "threads",
-    "log_level",
-    "cache_dir",
-    "no_cache",
-    "cache_capacity",
-    "cache_threshold",
-    "cache_thumb_threshold",
-    "cache_answer_floor",
-    "audit_rate",
-    "cache_margin",
-    "cache_min_confidence",
-    "no_discovery",
-    "interface",
-    "share_cache",
-    "slowdown",
-    "link_mbps",
-    "link_rtt_ms",
-    "state_dir",
-    "insecure",
-    "accept_shared_from",
-}
 
 
 def _setup_logging(level: str) -> None:
@@ -246,7 +206,12 @@ def _add_peer_parser(sub: Any) -> None:
     p.add_argument("--config", type=Path, help="TOML file with any of these options as keys")
     # Tests keep their mDNS apart from other peers on the machine.
     p.add_argument("--mdns-service-type", help=argparse.SUPPRESS)
-    p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    p.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="DEBUG, INFO (default), WARNING, ERROR",
+    )
     k = p.add_argument_group(
         "security",
         "Peers talk CurveZMQ: encrypted, and only with peers whose public key is trusted "
@@ -273,115 +238,8 @@ def _add_peer_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_peer)
 
 
-def _load_config(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise PeerError(f"cannot read config {path}: {exc}") from exc
-    unknown = set(data) - CONFIG_KEYS
-    if unknown:
-        raise PeerError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(CONFIG_KEYS)}")
-    return data
-
-
-def _none_or(value: Any) -> Any:
-    return None if isinstance(value, str | Path) and str(value).lower() == "none" else value
-
-
-def default_peer_name() -> str:
-    """The host name, or host-2, host-3... when peers of that name already run here."""
-    base = "".join(c if c.isalnum() or c in "._-" else "-" for c in os.uname().nodename)
-    base = base.strip("-.") or "peer"
-    for index in range(1, 100):
-        name = base if index == 1 else f"{base}-{index}"
-        if not default_socket_path(name).exists():
-            return name
-    return f"{base}-{os.getpid()}"
-
-
-def peer_config(args: argparse.Namespace) -> PeerConfig:
-    """Options from the command line override the config file, which overrides defaults."""
-    file = _load_config(args.config)
-
-    def pick(option: str, key: str | None = None, default: Any = None) -> Any:
-        value = getattr(args, option)
-        if value is None:
-            value = file.get(key or option, default)
-        return value
-
-    name = pick("name") or default_peer_name()
-    socket_option = pick("socket")
-    socket_path = (
-        default_socket_path(name) if socket_option is None else _none_or(Path(socket_option))
-    )
-    if socket_path is not None:
-        socket_path = Path(socket_path).expanduser().absolute()
-    peers = pick("peer") or []
-    if isinstance(peers, str):
-        peers = [peers]
-    cache_dir = pick("cache_dir")
-    try:
-        role = Role(pick("role", default=Role.EDGE.value))
-    except ValueError as exc:
-        raise PeerError(f"unknown role {pick('role')!r}; use edge or cloud") from exc
-    return PeerConfig(
-        name=name,
-        role=role,
-        listen=_none_or(pick("listen", default=DEFAULT_LISTEN)),
-        socket_path=socket_path,
-        model=pick("model", default=DEFAULT_MODEL),
-        variant=pick("variant"),
-        variants=tuple(v for v in str(pick("variants") or "").split(",") if v),
-        always_offload=bool(pick("always_offload", default=False)),
-        fidelity_floor=float(pick("fidelity_floor", default=DEFAULT_FIDELITY_FLOOR)),
-        cloud=pick("cloud"),
-        peers=tuple(peers),
-        remote_timeout_s=float(pick("remote_timeout_s", default=DEFAULT_REMOTE_TIMEOUT_S)),
-        max_pending=int(pick("max_pending", default=DEFAULT_MAX_PENDING)),
-        torch_threads=pick("threads"),
-        cache_enabled=not pick("no_cache", default=False),
-        cache_dir=Path(cache_dir).expanduser().absolute() if cache_dir else None,
-        cache_capacity=int(pick("cache_capacity", default=DEFAULT_CAPACITY)),
-        share_cache=bool(pick("share_cache", default=True)),
-        discovery=not pick("no_discovery", default=False),
-        interface=pick("interface"),
-        slowdown=float(pick("slowdown", default=1.0)),
-        link_bandwidth_mbps=pick("link_mbps"),
-        link_rtt_ms=float(pick("link_rtt_ms", default=0.0)),
-        mdns_service_type=args.mdns_service_type,
-        state_dir=Path(pick("state_dir")).expanduser() if pick("state_dir") else None,
-        insecure=bool(pick("insecure", default=False)),
-        accept_shared_from=str(pick("accept_shared_from", default="trusted")),
-        cache_rule_overrides=_rule_overrides(pick),
-        audit_rate=_audit_rate(pick("audit_rate", default=DEFAULT_AUDIT_RATE)),
-    )
-
-
-def _audit_rate(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise PeerError(f"audit_rate must be a number between 0 and 1, got {value!r}")
-    return float(value)
-
-
-def _rule_overrides(pick: Any) -> dict[str, dict[str, float]]:
-    """Hit-rule overrides by key depth: "*" for every depth, "thumb" and "model" for one."""
-    every = {
-        "vote_margin": pick("cache_margin"),
-        "min_insert_confidence": pick("cache_min_confidence"),
-        "answer_floor": pick("cache_answer_floor"),
-    }
-    out = {"*": {k: v for k, v in every.items() if v is not None}}
-    if pick("cache_threshold") is not None:
-        out["model"] = {"threshold_l2": pick("cache_threshold")}
-    if pick("cache_thumb_threshold") is not None:
-        out[THUMBNAIL_KEY] = {"threshold_l2": pick("cache_thumb_threshold")}
-    return out
-
-
 def cmd_peer(args: argparse.Namespace) -> int:
-    file = _load_config(args.config)
+    file = load_config(args.config)
     _setup_logging(args.log_level or file.get("log_level", "INFO"))
     config = peer_config(args)
     if config.role is Role.CLOUD and (config.cloud or config.peers):

@@ -1283,7 +1283,12 @@ class _AllowList:
 
     def callback(self, domain: str, key: bytes) -> bool:
         text = key.decode("ascii", "replace")
-        allowed = self._keys.is_trusted(text)
+        try:
+            allowed = self._keys.is_trusted(text)
+        except Exception:  # an exception here ends pyzmq's ZAP task,
+            # and with it every handshake until a restart: refuse this one instead.
+            log.exception("refused a handshake: the allow-list could not be read")
+            return False
         if not allowed:
             warn_once(
                 f"zap-denied:{text}",

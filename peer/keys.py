@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import secrets
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +102,10 @@ def check_key(text: str, what: str = "key") -> str:
     try:
         if len(z85.decode(text)) != 32:
             raise ValueError("not 32 bytes")
-    except (ValueError, TypeError, KeyError) as exc:
-        raise KeyFileError(f"{what} is not valid Z85: {exc}") from exc
+    except (ValueError, TypeError, KeyError, struct.error) as exc:
+        # struct.error: a 5-character group above 2**32 - 1 ("#####" and such), which
+        # passes the alphabet check; it once killed the ZAP handler from trusted/.
+        raise KeyFileError(f"{what} is not valid Z85 ({exc})") from exc
     return text
 
 

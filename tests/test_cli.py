@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from ccied.bench.cluster import PeerProcess
-from ccied.peer.cli import build_parser, peer_config
+from ccied.peer.cli import build_parser
+from ccied.peer.config import peer_config
 from ccied.peer.daemon import Role
 from ccied.peer.errors import PeerError
 from ccied.pruning import find_clip

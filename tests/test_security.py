@@ -206,6 +206,37 @@ def test_a_peer_socket_answers_only_clients_that_prove_a_trusted_key(workdir: Pa
         cloud.stop()
 
 
+def test_a_malformed_trusted_key_file_is_skipped_and_the_peer_keeps_authenticating(
+    workdir: Path,
+) -> None:
+    # '#' is in the Z85 alphabet, but "#####" decodes above 2**32 - 1: struct.error.
+    # That used to escape the ZAP handler and end it: nobody was answered again.
+    bad_key = "#" * 40
+    assert cli_main(["keys", "--state-dir", str(workdir / "k"), "trust", bad_key]) == 2
+    cloud = peer(workdir, "cloud7", "cloud")
+    cam = peer(workdir, "cam7", "edge")  # never started: a trusted client's keys
+    trust_each_other(cloud, cam)
+    cloud.start()
+    try:
+        cloud.wait_ready()
+        server_key = keys_of(cloud).load().public
+        client_keys = (keys_of(cam).load(), server_key)
+        status = StatusRequest(request_id="s1")
+        assert isinstance(raw_request(cloud.listen, status, client_keys), StatusReply)
+        bad_file = keys_of(cloud).trusted_dir / "bad.key"
+        bad_file.write_text(f'curve\n    public-key = "{bad_key}"\n')
+        for attempt in range(3):  # the allow-list is re-read when trusted/ changes
+            reply = raw_request(cloud.listen, status, client_keys)
+            assert isinstance(reply, StatusReply), f"attempt {attempt}: no answer"
+        assert raw_request(cloud.listen, status, (random_keypair(), server_key)) is None
+        bad_file.unlink()
+        assert isinstance(raw_request(cloud.listen, status, client_keys), StatusReply)
+        log_text = cloud.log_path.read_text()  # type: ignore[union-attr]
+        assert "ignoring trusted key file" in log_text and "Traceback" not in log_text
+    finally:
+        cloud.stop()
+
+
 def test_untrusted_peers_get_nothing_until_trusted_then_connect_without_restart(
     workdir: Path, cat_pixels: np.ndarray
 ) -> None:
