@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -102,6 +102,9 @@ from ccied.pruning.planner import (
     rank_variants,
 )
 
+if TYPE_CHECKING:
+    from ccied.peer.metrics import PeerMetrics
+
 log = logging.getLogger(__name__)
 warn_once = WarnOnce(log)
 
@@ -127,6 +130,7 @@ MAX_PENDING_AUDITS = 2
 REMEASURE_INTERVAL_S = 10.0
 REMEASURE_IDLE_S = 2.0
 SHARED_FROM = ("trusted", "cloud", "none")
+DEFAULT_METRICS_HOST = "127.0.0.1"
 
 
 class Role(StrEnum):
@@ -179,6 +183,9 @@ class PeerConfig:
     insecure: bool = False
     # Whose shared cache entries to take: "trusted" peers, the "cloud" only, or "none".
     accept_shared_from: str = "trusted"
+    # Serve Prometheus metrics over HTTP on this port (None: off; 0: a free one).
+    metrics_port: int | None = None
+    metrics_host: str = DEFAULT_METRICS_HOST
     # Only tests change these.
     mdns_service_type: str | None = None
 
@@ -197,6 +204,7 @@ class Counters:
     refused_shared: int = 0
     cache_skipped: int = 0
     probes: int = 0  # copies of misses sent to neighbours only to time them
+    refused_handshakes: int = 0  # CURVE clients whose key is not trusted (ZAP)
 
 
 class PeerDaemon:
@@ -211,6 +219,8 @@ class PeerDaemon:
             raise PeerError(f"audit_rate must be in [0, 1], got {config.audit_rate}")
         if config.accept_shared_from not in SHARED_FROM:
             raise PeerError(f"accept_shared_from must be one of {', '.join(SHARED_FROM)}")
+        if config.metrics_port is not None and not 0 <= config.metrics_port <= 65535:
+            raise PeerError(f"metrics_port must be in 1-65535, got {config.metrics_port}")
         if config.accept_shared_from == "cloud" and (config.insecure or not config.cloud):
             raise PeerError(
                 "taking shared entries from the cloud only needs --cloud and keys "
@@ -272,10 +282,12 @@ class PeerDaemon:
         self._local: zmq.asyncio.Socket | None = None
         self._peer: zmq.asyncio.Socket | None = None
         self._socket_path: Path | None = None
+        self._socket_inode: tuple[int, int] = (0, 0)  # (device, inode) of the file we made
         self.listen_address = ""  # the bound address, port resolved
         self.table = NeighbourTable(config.name)
         self.cluster: Cluster | None = None
         self.discovery: MdnsDiscovery | None = None
+        self.metrics: PeerMetrics | None = None  # with --metrics-port, while running
 
     def _key_depths(self) -> list[KeyDepth]:
         point = self.worker.cache_point
@@ -322,8 +334,11 @@ class PeerDaemon:
                 # The ZAP handler must run before the peer socket binds.
                 authenticator = zmq.auth.asyncio.AsyncioAuthenticator(self._context, log=log)
                 authenticator.start()
-                authenticator.configure_curve_callback(ZAP_DOMAIN, _AllowList(self.keys))
+                authenticator.configure_curve_callback(
+                    ZAP_DOMAIN, _AllowList(self.keys, self.counters)
+                )
             self._bind()
+            self._serve_metrics()
             self.cluster = Cluster(
                 ClusterConfig(
                     name=self.config.name,
@@ -433,11 +448,26 @@ class PeerDaemon:
             full_ms=self.worker.full_ms(),
         )
 
+    def _serve_metrics(self) -> None:
+        """Serve Prometheus metrics (--metrics-port) from an HTTP thread of their own."""
+        if self.config.metrics_port is None:
+            return
+        # Imported here: peers without --metrics-port never load prometheus_client.
+        from ccied.peer.metrics import PeerMetrics, on_loop
+
+        metrics = PeerMetrics(on_loop(asyncio.get_running_loop(), self.status))
+        url = metrics.serve(self.config.metrics_host, self.config.metrics_port)
+        self.metrics = metrics
+        log.info("Prometheus metrics at %s", url)
+
     def request_stop(self) -> None:
         """Ask ``run()`` to return (safe from a signal handler on the loop)."""
         self._stop.set()
 
     async def aclose(self) -> None:
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
+            self.metrics = None
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -457,8 +487,7 @@ class PeerDaemon:
         if self.cache is not None:
             await asyncio.to_thread(self.cache.close)
         if self._socket_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._socket_path.unlink()
+            _unlink_own_socket(self._socket_path, self._socket_inode)
             self._socket_path = None
         log.info("peer %s stopped", self.config.name)
 
@@ -479,7 +508,8 @@ class PeerDaemon:
             finally:
                 os.umask(old_umask)
             os.chmod(path, 0o600)
-            self._socket_path = path
+            st = path.lstat()
+            self._socket_path, self._socket_inode = path, (st.st_dev, st.st_ino)
 
     def _router(self, address: str, identity: Keypair | None = None) -> zmq.asyncio.Socket:
         """A ROUTER bound to ``address``; with ``identity``, a CURVE server whose
@@ -590,10 +620,14 @@ class PeerDaemon:
                 )
             case Submit() if local:
                 self._computing += 1
+                started = time.perf_counter()
                 try:
-                    return await self._answer_frame(message)
+                    reply = await self._answer_frame(message)
                 finally:
                     self._computing -= 1
+                if self.metrics is not None and isinstance(reply, InferResult):
+                    self.metrics.observe(str(reply.source), time.perf_counter() - started)
+                return reply
             case CacheCommand() if local:
                 return await self._answer_cache_command(message)
             case InferRequest() if not local:
@@ -1227,6 +1261,7 @@ class PeerDaemon:
             "cluster": self.cluster.describe() if self.cluster is not None else {},
             "discovery": "mdns" if self.discovery is not None else "off",
             "emulated_slowdown": self.worker.slowdown,
+            "metrics": self.metrics.url if self.metrics is not None else None,
             "cache": (
                 {"enabled": True, "cache_skipped": c.cache_skipped, **self.cache.stats()}
                 if self.cache is not None
@@ -1245,6 +1280,7 @@ class PeerDaemon:
                 "refused_shared": c.refused_shared,
                 "cache_skipped": c.cache_skipped,
                 "probes": c.probes,
+                "refused_handshakes": c.refused_handshakes,
                 "pending": self._pending,
             },
             "security": self._security_status(),
@@ -1278,8 +1314,9 @@ class _Stopping(Exception):
 class _AllowList:
     """ZAP credentials provider: a client key passes if the key store trusts it."""
 
-    def __init__(self, keys: KeyStore) -> None:
+    def __init__(self, keys: KeyStore, counters: Counters | None = None) -> None:
         self._keys = keys
+        self._counters = counters
 
     def callback(self, domain: str, key: bytes) -> bool:
         text = key.decode("ascii", "replace")
@@ -1290,6 +1327,8 @@ class _AllowList:
             log.exception("refused a handshake: the allow-list could not be read")
             return False
         if not allowed:
+            if self._counters is not None:
+                self._counters.refused_handshakes += 1
             warn_once(
                 f"zap-denied:{text}",
                 "refused a peer with untrusted key %s (`ccied keys trust %s` if it is yours)",
@@ -1317,17 +1356,30 @@ def _request_id_hint(codec: WireCodec, body: list[bytes]) -> str:
 
 
 def _prepare_socket_path(path: Path) -> None:
-    """Make the socket's folder (0700 if we create it) and clear a stale socket file."""
+    """Make the socket's folder (0700) if missing, check it is ours, clear a stale socket.
+
+    A folder another user made first (``/tmp/ccied-UID`` is guessable) or one
+    others may write to lets them replace the socket and answer our
+    applications' frames, so either is refused rather than warned about.
+    """
     if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
         raise PeerError(f"socket path {path} is longer than {MAX_SOCKET_PATH_BYTES} bytes")
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o700, parents=True)
-    mode = path.parent.stat().st_mode
-    if mode & 0o022 and not mode & stat.S_ISVTX:
-        # The socket itself stays 0600, but others could replace it here.
-        log.warning(
-            "the socket folder %s is writable by other users: prefer a 0700 folder",
-            path.parent,
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(mode=0o700, parents=True)
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise PeerError(f"socket folder {folder} is not a folder (a link?); refusing it")
+    if st.st_uid != os.geteuid():
+        raise PeerError(
+            f"socket folder {folder} belongs to uid {st.st_uid}, not to this user "
+            f"(uid {os.geteuid()}); someone else could replace the socket: remove the "
+            "folder or pass --socket in a folder of your own"
+        )
+    if st.st_mode & 0o077:
+        raise PeerError(
+            f"socket folder {folder} is mode {stat.S_IMODE(st.st_mode):o}; it must be 0700 "
+            f"(chmod 700 {folder}) so that nobody else can replace the socket"
         )
     if not path.exists() and not path.is_symlink():
         return
@@ -1342,3 +1394,15 @@ def _prepare_socket_path(path: Path) -> None:
     finally:
         probe.close()
     raise PeerError(f"another peer is already serving on {path}")
+
+
+def _unlink_own_socket(path: Path, inode: tuple[int, int]) -> None:
+    """Remove the socket file this peer created, and not one another peer made since."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) != inode:
+        log.warning("not removing %s: it is no longer the socket this peer created", path)
+        return
+    path.unlink(missing_ok=True)

@@ -84,7 +84,7 @@ def test_names_in_the_alphabet_pass() -> None:
     ],
 )
 def test_bad_addresses_are_refused(address: str) -> None:
-    with pytest.raises(PeerError, match="tcp://HOST:PORT|port|host"):
+    with pytest.raises(PeerError, match=r"tcp://HOST:PORT|port|host"):
         check_tcp_address(address, "--listen", bind=True)
     with pytest.raises(PeerError):
         check_peer_address(address, "--cloud")
@@ -101,7 +101,7 @@ def test_good_addresses_pass() -> None:
 
 def test_a_malformed_key_in_a_keyed_address_is_one_error() -> None:
     # A Z85 key whose 4-byte groups overflow used to raise struct.error.
-    with pytest.raises(PeerError, match="--cloud.*Z85"):
+    with pytest.raises(PeerError, match=r"--cloud.*Z85"):
         check_peer_address("#" * 40 + "@tcp://127.0.0.1:5601", "--cloud")
 
 
@@ -129,3 +129,49 @@ def test_ccied_peer_refuses_bad_settings_in_one_line(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
     assert not (tmp_path / "p.sock").exists()
+
+
+# -- the local socket's folder -------------------------------------------------------
+
+
+def test_a_socket_folder_others_can_write_or_do_not_own_is_refused(tmp_path: Path) -> None:
+    import os
+
+    from ccied.peer.daemon import _prepare_socket_path
+
+    folder = tmp_path / "run"
+    folder.mkdir(mode=0o700)
+    _prepare_socket_path(folder / "p.sock")  # ours and 0700: fine
+    folder.chmod(0o755)
+    with pytest.raises(PeerError, match="must be 0700"):
+        _prepare_socket_path(folder / "p.sock")
+    folder.chmod(0o700)
+    if os.geteuid() == 0:  # only root can hand a folder to another user
+        os.chown(folder, 65534, 65534)
+        with pytest.raises(PeerError, match="belongs to uid 65534"):
+            _prepare_socket_path(folder / "p.sock")
+    link = tmp_path / "link"
+    link.symlink_to(folder, target_is_directory=True)
+    with pytest.raises(PeerError, match="not a folder"):
+        _prepare_socket_path(link / "p.sock")
+
+
+def test_shutdown_removes_only_the_socket_this_peer_made(tmp_path: Path) -> None:
+    import socket
+
+    from ccied.peer.daemon import _unlink_own_socket
+
+    path = tmp_path / "p.sock"
+    ours = socket.socket(socket.AF_UNIX)
+    ours.bind(str(path))
+    st = path.lstat()
+    inode = (st.st_dev, st.st_ino)
+    path.unlink()  # another peer took the name over since
+    theirs = socket.socket(socket.AF_UNIX)
+    theirs.bind(str(path))
+    _unlink_own_socket(path, inode)
+    assert path.exists()
+    _unlink_own_socket(path, (path.lstat().st_dev, path.lstat().st_ino))
+    assert not path.exists()
+    ours.close()
+    theirs.close()
