@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import ifaddr
-from ccied.discovery._logutil import WarnOnce
 from ccied.discovery.errors import DiscoveryError, MalformedAnnouncementError
+from ccied.discovery.logutil import WarnOnce
 from ccied.discovery.neighbours import ROLES, Announcement
 from zeroconf import Error as ZeroconfError
 from zeroconf import InterfaceChoice, ServiceStateChange, Zeroconf

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from ccied.discovery._logutil import WarnOnce
 from ccied.discovery.errors import DiscoveryError
+from ccied.discovery.logutil import WarnOnce
 
 log = logging.getLogger(__name__)
 warn_once = WarnOnce(log)

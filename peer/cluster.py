@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import zmq.asyncio
 from ccied.discovery import Announcement, DiscoveryError, NeighbourTable
+from ccied.discovery.logutil import WarnOnce
 from ccied.peer.keys import Keypair, KeyStore
-from ccied.peer.logutil import WarnOnce
 from ccied.peer.routing import Candidate, TailEstimates, TargetKind
 from ccied.peer.transport import EmulatedLink, Exchange, RemoteTarget
 from ccied.peer.wire import (

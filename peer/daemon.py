@@ -57,6 +57,7 @@ from ccied.discovery import (
     NeighbourTable,
     advertised_addresses,
 )
+from ccied.discovery.logutil import WarnOnce, suppressed_warnings
 from ccied.peer.cluster import Cluster, ClusterConfig, LocalLoad, SharedEntry, share_message
 from ccied.peer.errors import PeerError, ProtocolError
 from ccied.peer.keys import (
@@ -66,7 +67,6 @@ from ccied.peer.keys import (
     default_state_dir,
     split_keyed_address,
 )
-from ccied.peer.logutil import WarnOnce
 from ccied.peer.peer_cache import NewEntry, PeerCache, rule_for
 from ccied.peer.routing import Candidate, TargetKind, plan
 from ccied.peer.transport import EmulatedLink
@@ -1284,6 +1284,8 @@ class PeerDaemon:
                 "pending": self._pending,
             },
             "security": self._security_status(),
+            # WARNING lines held back by the log's rate limit, by kind (discovery/logutil.py).
+            "suppressed_warnings": suppressed_warnings(),
         }
 
     def _neighbours(self) -> list[dict[str, Any]]:

@@ -40,8 +40,8 @@ from ccied.cache import (
     Verdict,
 )
 from ccied.cache.policy import default_rule
+from ccied.discovery.logutil import WarnOnce
 from ccied.peer.errors import PeerError
-from ccied.peer.logutil import WarnOnce
 
 log = logging.getLogger(__name__)
 warn_once = WarnOnce(log)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+from ccied.discovery.logutil import WarnOnce
 from ccied.peer.errors import ProtocolError
 from ccied.peer.keys import Keypair
-from ccied.peer.logutil import WarnOnce
 from ccied.peer.wire import MAX_TENSOR_BYTES, Message, WireCodec, message_bytes
 from zmq.utils.monitor import parse_monitor_message
 
