@@ -30,6 +30,7 @@ from ccied.peer.config import LOG_LEVELS, load_config, peer_config
 from ccied.peer.daemon import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_PENDING,
+    DEFAULT_METRICS_HOST,
     DEFAULT_REMOTE_TIMEOUT_S,
     SHARED_FROM,
     PeerDaemon,
@@ -135,6 +136,17 @@ def _add_peer_parser(sub: Any) -> None:
         help=f"requests in progress before answering BUSY (default {DEFAULT_MAX_PENDING})",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help=f"where to serve metrics (default {DEFAULT_METRICS_HOST}; 0.0.0.0: every interface)",
+    )
     c = p.add_argument_group("semantic cache")
     c.add_argument(
         "--cache-dir",

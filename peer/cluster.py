@@ -457,6 +457,7 @@ class Cluster:
             "tail_estimates": self.estimates.describe(time.monotonic()),
             "shared_out": self.shared_out,
             "shared_in": self.shared_in,
+            "bytes_sent": self.link.bytes_sent,
             "share_queue": len(self._outbox),
             "link_emulation": self.link.describe(),
         }

@@ -27,6 +27,7 @@ from ccied.cache.semantic import DEFAULT_CAPACITY
 from ccied.peer.daemon import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_PENDING,
+    DEFAULT_METRICS_HOST,
     DEFAULT_REMOTE_TIMEOUT_S,
     SHARED_FROM,
     PeerConfig,
@@ -123,6 +124,8 @@ CONFIG_CHECKS: dict[str, Check] = {
     "state_dir": Check("str"),
     "insecure": Check("bool"),
     "accept_shared_from": Check("str", choices=SHARED_FROM),
+    "metrics_port": Check("int", 1, 65535),
+    "metrics_host": Check("str"),
 }
 CONFIG_KEYS = frozenset(CONFIG_CHECKS)
 
@@ -268,6 +271,8 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         accept_shared_from=pick("accept_shared_from", "trusted"),
         cache_rule_overrides=_rule_overrides(pick),
         audit_rate=float(pick("audit_rate", DEFAULT_AUDIT_RATE)),
+        metrics_port=pick("metrics_port"),
+        metrics_host=pick("metrics_host", DEFAULT_METRICS_HOST),
     )
 
 

@@ -54,6 +54,8 @@ class EmulatedLink:
         self.bandwidth_mbps = bandwidth_mbps
         self.rtt_ms = rtt_ms
         self._uplink = asyncio.Lock()
+        # Bytes of every request sent to other peers over this uplink (on the loop).
+        self.bytes_sent = 0
 
     @property
     def active(self) -> bool:
@@ -220,6 +222,8 @@ class RemoteTarget:
                 return self._failed("not connected", start, sent)
             sent = message_bytes(frames)
             self.stats.sent += 1
+            if self.link is not None:
+                self.link.bytes_sent += sent
             try:
                 reply, received = await asyncio.wait_for(waiter, timeout_s)
             except TimeoutError:
