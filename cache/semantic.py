@@ -13,6 +13,13 @@ batch of entries by LRU (default; ``bench cache`` compares it with LFU).
 
 Thread safety: any number of concurrent lookups, writers exclusive (a
 readers-writer lock); hit counters and recency have their own small lock.
+
+Persistence is optional (a :class:`ccied.cache.CacheStore`). A store whose
+folder cannot be written (read-only, see ``CacheStore.unwritable``) makes the
+cache memory-only from the start: it serves what the folder held, keeps new
+entries in memory, and writes nothing, not even at ``close()``. Given
+``on_memory_only``, a write that fails later (a full disk) does the same
+instead of refusing the entry; the callback is told why, once.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -130,13 +137,24 @@ class _ReadWriteLock:
 class SemanticCache:
     """Feature -> answer cache for one model bundle, optionally persistent."""
 
-    def __init__(self, config: CacheConfig, store: CacheStore | None = None) -> None:
+    def __init__(
+        self,
+        config: CacheConfig,
+        store: CacheStore | None = None,
+        on_memory_only: Callable[[str], None] | None = None,
+    ) -> None:
+        """``on_memory_only(reason)``: called once when the store cannot be written and
+        the cache carries on in memory (without it, this logs a warning at the start,
+        and a failed write raises CachePersistenceError)."""
         if config.dim < 1 or config.capacity < 1:
             raise ValueError(f"invalid cache config {config}")
         self.config = config
         # The rule in force: the configured one until an audit tightens it.
         self.rule = config.rule
         self._store = store
+        self._on_memory_only = on_memory_only
+        # Why nothing is persisted any more ("" while it is, or without a store).
+        self.memory_only = ""
         self._lock = _ReadWriteLock()
         self._stats_lock = threading.Lock()
         self._entries: OrderedDict[int, Entry] = OrderedDict()  # order = recency (LRU)
@@ -182,11 +200,35 @@ class SemanticCache:
             else:
                 self._index_add(self._index, ids, vectors)
         log.info(
-            "cache restored: %d entries (%d from the log, %d torn bytes dropped)",
+            "cache restored: %d entries (%d from the log, %d bytes of torn or damaged "
+            "records skipped)",
             len(self._entries),
             state.recovered_from_log,
             state.discarded_bytes,
         )
+        if store.unwritable:
+            self._go_memory_only(store.unwritable)
+
+    def _go_memory_only(self, reason: str) -> None:
+        assert self._store is not None
+        self.memory_only = reason
+        if self._on_memory_only is not None:
+            self._on_memory_only(reason)
+        else:
+            log.warning(
+                "cache folder %s: %s; the cache is memory-only (nothing more is persisted)",
+                self._store.folder,
+                reason,
+            )
+
+    def _persisting(self) -> bool:
+        return self._store is not None and not self.memory_only
+
+    def _store_failed(self, exc: CachePersistenceError) -> None:
+        """A write failed: raise, or (with ``on_memory_only``) carry on in memory."""
+        if self._on_memory_only is None:
+            raise exc
+        self._go_memory_only((self._store.unwritable if self._store else "") or str(exc))
 
     def _build_ivf(self, ids: np.ndarray, vectors: np.ndarray) -> Any:
         # FAISS refuses to train more lists than vectors (a small ivf_min_entries).
@@ -368,9 +410,12 @@ class SemanticCache:
                     return nearest
             entry_id = self._next_id
             entry = Entry(entry_id, label, confidence, origin, bundle_id, time.time(), vector)
-            if self._store is not None:
-                self._store.append_add(self._stored(entry))
-                self._records_since_snapshot += 1
+            if self._store is not None and self._persisting():
+                try:
+                    self._store.append_add(self._stored(entry))
+                    self._records_since_snapshot += 1
+                except CachePersistenceError as exc:
+                    self._store_failed(exc)
             self._next_id += 1
             self._entries[entry_id] = entry
             self._index_add(self._index, np.array([entry_id]), vector[None])
@@ -399,8 +444,13 @@ class SemanticCache:
             return 0
         if persist and self._store is not None:
             for entry_id in present:
-                self._store.append_forget(entry_id)
-                self._records_since_snapshot += 1
+                if not self._persisting():
+                    break
+                try:
+                    self._store.append_forget(entry_id)
+                    self._records_since_snapshot += 1
+                except CachePersistenceError as exc:
+                    self._store_failed(exc)
         for entry_id in present:
             del self._entries[entry_id]
             self._note_change("remove", entry_id)
@@ -427,8 +477,11 @@ class SemanticCache:
         """Drop every entry; returns how many there were."""
         with self._lock.write():
             count = len(self._entries)
-            if self._store is not None:
-                self._store.append_clear()
+            if self._store is not None and self._persisting():
+                try:
+                    self._store.append_clear()
+                except CachePersistenceError as exc:
+                    self._store_failed(exc)
             self._entries.clear()
             self._index = self._new_flat_index()
             self._index_kind = "flat"
@@ -464,7 +517,9 @@ class SemanticCache:
         )
 
     def _maybe_snapshot(self) -> None:
-        if self._store is None or self._records_since_snapshot < self.config.snapshot_every:
+        if self._store is None or not self._persisting():
+            return
+        if self._records_since_snapshot < self.config.snapshot_every:
             return
         # Evictions are not logged (they would double the log); a snapshot
         # makes them durable. Until then a restart may bring evicted entries back.
@@ -472,12 +527,15 @@ class SemanticCache:
             self._records_since_snapshot = 0
 
     def snapshot(self) -> bool:
-        """Write a snapshot now (on clean shutdown); False if the disk refused it."""
+        """Write a snapshot now (on clean shutdown); False if the disk refused it
+        (or the cache is memory-only)."""
         if self._store is None:
             return False
         # Writers wait: an entry appended to the log between reading the rows
         # and resetting the log would be in neither file.
         with self._lock.write():
+            if not self._persisting():
+                return False
             rows = [self._stored(e) for e in self._entries.values()]
             ok = self._store.snapshot(rows, self._next_id)
             if ok:
@@ -507,7 +565,7 @@ class SemanticCache:
             "capacity": self.config.capacity,
             "eviction": str(self.config.eviction),
             "index": self._index_kind,
-            "persistent": self._store is not None,
+            "persistent": self._persisting(),
             "rule": {
                 "threshold_l2": rule.threshold_l2,
                 "vote_margin": rule.vote_margin,

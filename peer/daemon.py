@@ -481,14 +481,17 @@ class PeerDaemon:
         if self._context is not None:
             self._context.term()
             self._context = None
-        # The model thread ends after the forward pass under way, if any; then
-        # the cache writes queued so far land and the cache takes a snapshot.
-        await asyncio.to_thread(self.worker.close)
-        if self.cache is not None:
-            await asyncio.to_thread(self.cache.close)
-        if self._socket_path is not None:
-            _unlink_own_socket(self._socket_path, self._socket_inode)
-            self._socket_path = None
+        try:
+            # The model thread ends after the forward pass under way, if any; then
+            # the cache writes queued so far land and the cache takes a snapshot.
+            await asyncio.to_thread(self.worker.close)
+            if self.cache is not None:
+                await asyncio.to_thread(self.cache.close)
+        finally:
+            # Even when closing failed: a socket file left behind looks like a live peer.
+            if self._socket_path is not None:
+                _unlink_own_socket(self._socket_path, self._socket_inode)
+                self._socket_path = None
         log.info("peer %s stopped", self.config.name)
 
     def _bind(self) -> None:

@@ -10,6 +10,11 @@
 * the audit (:class:`ccied.cache.Audit`): what to do when a re-checked hit
   was wrong (drop the entry, tighten the depth's rule, refuse its origin).
 
+A cache folder that cannot be written (read-only, or a disk that fills up)
+never stops the peer: it serves what the folder held and keeps learning in
+memory, with one warning that says so; nothing is written to it until a
+restart.
+
 Entry ids shown to users (``cache_entry`` of a result, ``ccied cache forget``)
 name the depth too: ``entry_id * MAX_DEPTHS + depth index``.
 """
@@ -93,6 +98,17 @@ class PeerCache:
         self.own_name = own_name
         self.audit = audit
         tiers = []
+        warn_memory_only = WarnOnce(log)
+
+        def memory_only(reason: str) -> None:  # any depth, at start or on a failed write
+            warn_memory_only(
+                "cache-memory-only",
+                "cache folder %s: %s; the cache is memory-only (nothing is persisted until "
+                "a restart with a writable folder)",
+                cache_dir,
+                reason,
+            )
+
         for depth in depths:
             store = None
             if cache_dir is not None:
@@ -103,7 +119,7 @@ class PeerCache:
             config = CacheConfig(
                 dim=depth.dim, bundle_id=bundle_id, capacity=capacity, rule=rules[depth.name]
             )
-            tiers.append((depth, SemanticCache(config, store)))
+            tiers.append((depth, SemanticCache(config, store, memory_only)))
         self.tiers = TieredCache(tiers)
         self.depths = self.tiers.depths
         # Inserts, forgets and their fsyncs: one thread, off the loop and the model.
