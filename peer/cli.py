@@ -36,7 +36,7 @@ from ccied.peer.daemon import (
     PeerDaemon,
     Role,
 )
-from ccied.peer.errors import PeerError, RequestFailedError
+from ccied.peer.errors import PeerError, ProtocolError, RequestFailedError
 from ccied.peer.keys import KEY_CHARS, KeyStore, check_key, default_state_dir
 from ccied.pruning import DEFAULT_MODEL, PruningError, iter_frames
 from ccied.pruning.bundle import DEFAULT_CACHE_SPLIT
@@ -290,7 +290,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 for frame in iter_frames(path, every=args.every, limit=args.limit):
                     try:
                         result = client.submit(frame.pixels, frame.name, need=args.need)
-                    except RequestFailedError as exc:  # this frame only: go on
+                    except (RequestFailedError, ProtocolError) as exc:
+                        # This frame only (the peer refused it, or the wire
+                        # cannot carry it): go on with the next.
                         failures += 1
                         _print_error(frame.name, str(exc), args.json)
                         continue
@@ -302,6 +304,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _print_error(frame: str, error: str, as_json: bool) -> None:
+    error = error.removeprefix(f"{frame}: ")  # file errors name their file already
     if as_json:
         print(json.dumps({"frame": frame, "error": error}), flush=True)
     else:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,13 +145,68 @@ def decode_image(data: bytes, size: int, image_format: str) -> np.ndarray:
         raise MediaError(f"not a readable {image_format} ({exc})") from exc
 
 
+class ImageTooLargeError(MediaError):
+    """An image file claims more pixels than Pillow's limit against decompression bombs."""
+
+
+# Pillow's "Image size (N pixels) exceeds limit of M pixels, ..." (error and warning).
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
 def load_image(path: Path) -> np.ndarray:
-    """Decode a still image file to an RGB uint8 frame (MediaError if it is not one)."""
+    """Decode a still image file to an RGB uint8 frame (MediaError if it is not one).
+
+    Any mode Pillow reads becomes 8-bit RGB (see :func:`image_to_rgb`). An
+    image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89.5 million by
+    default; a 70-byte PNG can claim ten billion) raises ImageTooLargeError
+    before its pixels are decoded.
+    """
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it, then decodes
+            # the lot (a 100-megapixel picture is 300 MB as RGB): refuse those
+            # too, so one limit holds and nothing is printed behind our back.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image_to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = _BOMB_PIXELS.search(str(exc))
+        size = f" of {found.group(1)} pixels" if found else ""
+        raise ImageTooLargeError(
+            f"{path}: image{size} is larger than {Image.MAX_IMAGE_PIXELS} pixels "
+            "(refused as a possible decompression bomb)"
+        ) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise MediaError(f"{path}: not a readable image ({exc})") from exc
+
+
+def image_to_rgb(image: Image.Image) -> np.ndarray:
+    """Any Pillow image -> RGB uint8 ``(height, width, 3)``, its full range kept.
+
+    Pillow's own ``convert("RGB")`` clamps wide values to 255, so a 16-bit
+    grey PNG (mode ``I;16``) turns white. Here 16-bit grey is scaled by
+    255/65535 (Pillow itself keeps the top byte of 16-bit colour PNGs); ``I``
+    (32-bit integers: 16-bit PGM, some TIFFs) is read as 16-bit when its
+    values fit, otherwise stretched from its minimum to its maximum; ``F``
+    (float) is read as 0..1 when its values fit, otherwise stretched. Transparent pixels are shown
+    over white, as a viewer shows them; palette, CMYK, YCbCr and the rest go
+    through Pillow's conversion.
+    """
+    mode = image.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.float32)
+        values[~np.isfinite(values)] = 0.0
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        full = 1.0 if mode == "F" else 65535.0
+        if low < 0.0 or high > full:
+            values, full = values - low, max(high - low, 1e-6)
+        grey = np.rint(values * np.float32(255.0 / full)).clip(0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def iter_video(path: Path, every: int = 1, limit: int | None = None) -> Iterator[Frame]:
@@ -189,6 +246,8 @@ def iter_frames(path: Path, every: int = 1, limit: int | None = None) -> Iterato
         raise MediaError(f"{path}: no such file")
     try:
         pixels = load_image(path)
+    except ImageTooLargeError:
+        raise  # an image all the same: FFmpeg would try to decode its pixels
     except MediaError:
         # Not a still image: try it as a video, whose error is the one reported.
         yield from iter_video(path, every=every, limit=limit)
