@@ -111,3 +111,45 @@ def test_submit_prints_one_json_line_per_frame_and_reports_bad_files(
     )
     counters = json.loads(status.stdout)["requests"]
     assert counters["answered"] >= 3 and counters["by_source"]["local"] >= 3
+
+
+def _console(*args: str) -> list[str]:
+    """The installed console script (ccied.peer.entry), as a user runs it."""
+    return [sys.executable, "-c", "import sys; from ccied.peer.entry import main; sys.exit(main())",
+            *args]  # fmt: skip
+
+
+@pytest.mark.parametrize("delay_s", [0.3, 2.0])
+def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path, delay_s: float) -> None:
+    import signal
+    import time
+
+    folder = tmp_path / "run"
+    folder.mkdir(mode=0o700)
+    args = ["peer", "--insecure", "--no-discovery", "--listen", "none"]
+    process = subprocess.Popen(
+        [*_console(*args, "--socket", str(folder / "p.sock"))],
+        stderr=subprocess.PIPE,
+        text=True,
+        # Background processes inherit SIGINT ignored; a terminal's Ctrl-C does not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(delay_s)  # importing torch, or loading the model
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode in (0, 130), stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert not (folder / "p.sock").exists()
+
+
+def test_a_reader_that_leaves_early_is_no_traceback() -> None:
+    # `ccied splits | head -1`: the pipe closes before everything is written.
+    process = subprocess.Popen(
+        _console("splits"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    process.stdout.close()
+    stderr = process.stderr.read() if process.stderr else ""
+    process.wait(timeout=120)
+    assert process.returncode == 141, stderr
+    assert stderr == ""
