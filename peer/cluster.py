@@ -345,6 +345,20 @@ class Cluster:
             alive = self.table.record_heartbeat(
                 pong.name, exchange.elapsed_ms, pong.load, pong.queue_length
             )
+            if pong.bundle_id != self.config.bundle_id:
+                # A peer that runs another model or bundle can take none of our
+                # tensors; without this line an edge whose --cloud ran another
+                # bundle answered every frame itself, silently.
+                warn_once(
+                    f"other-bundle:{address}:{pong.bundle_id}",
+                    "%s (%s) at %s runs bundle %s, not ours (%s): it gets none of this "
+                    "peer's frames; start both with the same --model",
+                    pong.name,
+                    pong.role,
+                    address,
+                    pong.bundle_id,
+                    self.config.bundle_id,
+                )
             if alive and pong.name not in was_alive:
                 log.info("neighbour %s (%s) alive at %s", pong.name, pong.role, address)
                 if self.config.share_cache and pong.bundle_id == self.config.bundle_id:
@@ -446,6 +460,22 @@ class Cluster:
                 log.info("received %d cache entries (%s) from %s", accepted, depth or "-", name)
 
     # -- status -----------------------------------------------------------------
+
+    def problems(self) -> list[str]:
+        """Live neighbours that cannot take our frames, and why: for ``ccied status``."""
+        out = []
+        for n in self.table.alive():
+            if n.bundle_id != self.config.bundle_id:
+                out.append(
+                    f"{n.name} ({n.role}) at {n.address} runs bundle {n.bundle_id}, not ours "
+                    f"({self.config.bundle_id}): it gets none of this peer's frames"
+                )
+            elif n.wire_version != WIRE_VERSION:
+                out.append(
+                    f"{n.name} ({n.role}) at {n.address} speaks wire version {n.wire_version}, "
+                    f"not ours ({WIRE_VERSION}): upgrade one of them"
+                )
+        return out
 
     def describe(self) -> dict[str, object]:
         return {

@@ -1278,6 +1278,8 @@ class PeerDaemon:
                 "answered": c.answered,
                 "by_source": dict(c.by_source),
                 "failovers": c.failovers,
+            # Problems an operator should see first (plain `ccied status` shows them on top).
+            "warnings": self.cluster.problems() if self.cluster is not None else [],
                 "errors": c.errors,
                 "busy": c.busy,
                 "protocol_errors": c.protocol_errors,
@@ -1299,6 +1301,9 @@ class PeerDaemon:
         rows = self.table.snapshot()
         if self.cluster is not None:
             estimates = self.cluster.estimates.describe(time.monotonic())
+            # Peers started with this state folder share its key and so trust each
+            # other with no file in trusted/ ("trusted 0" looked like nobody).
+            "own_key_trusted": True,
             for row in rows:
                 row["tail_estimate"] = estimates.get(str(row.get("name")), {"source": "unknown"})
         return rows
@@ -1330,13 +1335,17 @@ class _AllowList:
         text = key.decode("ascii", "replace")
         try:
             allowed = self._keys.is_trusted(text)
-        except Exception:  # an exception here ends pyzmq's ZAP task,
+        except Exception as exc:  # an exception here ends pyzmq's ZAP task,
             # and with it every handshake until a restart: refuse this one instead.
-            log.exception("refused a handshake: the allow-list could not be read")
-            return False
+            warn_once(
+                f"allow-list:{type(exc).__name__}",
+                "refused a handshake: the allow-list could not be read (%r)",
+                exc,
+            )
+            allowed = False
+        if not allowed and self._counters is not None:
+            self._counters.refused_handshakes += 1
         if not allowed:
-            if self._counters is not None:
-                self._counters.refused_handshakes += 1
             warn_once(
                 f"zap-denied:{text}",
                 "refused a peer with untrusted key %s (`ccied keys trust %s` if it is yours)",
