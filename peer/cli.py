@@ -256,8 +256,6 @@ def cmd_peer(args: argparse.Namespace) -> int:
     config = peer_config(args)
     if config.role is Role.CLOUD and (config.cloud or config.peers):
         log.warning("a cloud peer answers with its own tail; --cloud/--peer are ignored")
-    # Loading and timing the model takes 2.5-28 s here: say so, or start-up looks hung.
-    log.info("peer %s: loading model %s...", config.name, config.model)
     daemon = PeerDaemon(config)
 
     async def main() -> None:

@@ -226,6 +226,9 @@ class PeerDaemon:
                 "taking shared entries from the cloud only needs --cloud and keys "
                 "(without --insecure): the cloud is known by the key it proves"
             )
+        if config.socket_path is not None:
+            # Before the model loads (seconds): a folder we must refuse fails fast.
+            _prepare_socket_path(config.socket_path)
         self.config = config
         self._static = [split_keyed_address(a) for a in self._static_targets(config)]
         self.keys: KeyStore | None = None
@@ -252,6 +255,8 @@ class PeerDaemon:
             import torch
 
             torch.set_num_threads(config.torch_threads)
+        # Loading and timing the model takes 2.5-28 s here: say so, or start-up looks hung.
+        log.info("peer %s: loading model %s...", config.name, config.model)
         try:
             self.bundle = open_bundle(config.model)
             for name in (*config.variants, *((config.variant,) if config.variant else ())):
@@ -1278,8 +1283,6 @@ class PeerDaemon:
                 "answered": c.answered,
                 "by_source": dict(c.by_source),
                 "failovers": c.failovers,
-            # Problems an operator should see first (plain `ccied status` shows them on top).
-            "warnings": self.cluster.problems() if self.cluster is not None else [],
                 "errors": c.errors,
                 "busy": c.busy,
                 "protocol_errors": c.protocol_errors,
@@ -1292,6 +1295,8 @@ class PeerDaemon:
                 "pending": self._pending,
             },
             "security": self._security_status(),
+            # Problems an operator should see first (plain `ccied status` shows them on top).
+            "warnings": self.cluster.problems() if self.cluster is not None else [],
             # WARNING lines held back by the log's rate limit, by kind (discovery/logutil.py).
             "suppressed_warnings": suppressed_warnings(),
         }
@@ -1301,9 +1306,6 @@ class PeerDaemon:
         rows = self.table.snapshot()
         if self.cluster is not None:
             estimates = self.cluster.estimates.describe(time.monotonic())
-            # Peers started with this state folder share its key and so trust each
-            # other with no file in trusted/ ("trusted 0" looked like nobody).
-            "own_key_trusted": True,
             for row in rows:
                 row["tail_estimate"] = estimates.get(str(row.get("name")), {"source": "unknown"})
         return rows
@@ -1316,6 +1318,9 @@ class PeerDaemon:
             "public_key": self.identity.public,
             "state_dir": str(self.keys.state_dir),
             "trusted_keys": len(self.keys.trusted()),
+            # Peers started with this state folder share its key and so trust each
+            # other with no file in trusted/ ("trusted 0" looked like nobody).
+            "own_key_trusted": True,
             "accept_shared_from": self.config.accept_shared_from,
         }
 
