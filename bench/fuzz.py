@@ -536,7 +536,7 @@ def bundle_seeds(folder: Path) -> list[BundleInput]:
     """A prepared bundle with a reduced variant (and its .npz), and one without."""
     from ccied.pruning.bundle import BUILTIN_VARIANTS, DEFAULT_VARIANT, MANIFEST_NAME, Variant
     from ccied.pruning.bundle import write_bundle as write
-    from ccied.pruning.models import DEFAULT_MODEL
+    from ccied.pruning.defaults import DEFAULT_MODEL
     from ccied.pruning.transfer import TransferProjection
 
     model = _cached_model(DEFAULT_MODEL)

@@ -65,6 +65,9 @@ DEFAULT_ANSWER_FLOOR = 0.5
 # is inside the radius is *inconclusive*: a deeper key may settle it.
 DEFAULT_VOTE_RADIUS_L2 = 0.2
 DEFAULT_TARGET_FIDELITY = 0.99
+# Entries a cache keeps before it evicts (ccied.cache.semantic; here with the other
+# defaults so that the command line's help names it without loading FAISS).
+DEFAULT_CAPACITY = 20_000
 
 
 class MissReason(StrEnum):

@@ -38,12 +38,11 @@ from typing import Any
 import faiss
 import numpy as np
 from ccied.cache.errors import BadFeatureError, CachePersistenceError
-from ccied.cache.policy import HitRule, decide
+from ccied.cache.policy import DEFAULT_CAPACITY, HitRule, decide
 from ccied.cache.store import CacheStore, StoredEntry
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CAPACITY = 20_000
 DEFAULT_IVF_MIN_ENTRIES = 20_000
 DEFAULT_NPROBE = 8
 DEFAULT_SNAPSHOT_EVERY = 2_000  # log records between snapshots

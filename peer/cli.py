@@ -12,35 +12,40 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+# Only light modules here: `ccied submit`, `ccied status`, `ccied keys` and every
+# --help run without torch, FAISS or zeroconf (tests/test_light_cli.py). The daemon
+# is imported by `ccied peer` only, each benchmark by its own command.
 from ccied.cache.audit import DEFAULT_AUDIT_RATE
 from ccied.cache.policy import (
     DEFAULT_ANSWER_FLOOR,
+    DEFAULT_CAPACITY,
     DEFAULT_K,
     DEFAULT_MIN_INSERT_CONFIDENCE,
     DEFAULT_THRESHOLD_L2,
     DEFAULT_VOTE_MARGIN,
     THUMBNAIL_THRESHOLD_L2,
 )
-from ccied.cache.semantic import DEFAULT_CAPACITY
 from ccied.peer.argtypes import positive_int, unit_interval
 from ccied.peer.client import Client, FrameResult
-from ccied.peer.config import LOG_LEVELS, load_config, peer_config
-from ccied.peer.daemon import (
+from ccied.peer.defaults import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_PENDING,
     DEFAULT_METRICS_HOST,
     DEFAULT_REMOTE_TIMEOUT_S,
+    LOG_LEVELS,
     SHARED_FROM,
-    PeerDaemon,
     Role,
 )
 from ccied.peer.errors import PeerError, ProtocolError, RequestFailedError
 from ccied.peer.keys import KEY_CHARS, KeyStore, check_key, default_state_dir
-from ccied.pruning import DEFAULT_MODEL, PruningError, iter_frames
-from ccied.pruning.bundle import DEFAULT_CACHE_SPLIT
-from ccied.pruning.planner import DEFAULT_FIDELITY_FLOOR
+from ccied.pruning.defaults import DEFAULT_CACHE_SPLIT, DEFAULT_FIDELITY_FLOOR, DEFAULT_MODEL
+from ccied.pruning.errors import PruningError
+
+if TYPE_CHECKING:
+    from ccied.peer.config import load_config, peer_config
+    from ccied.peer.daemon import PeerDaemon
 
 log = logging.getLogger("ccied")
 
@@ -247,7 +252,16 @@ def _add_peer_parser(sub: Any) -> None:
         help="whose shared cache entries to take: any trusted peer (default), only the "
         "--cloud peer, or none",
     )
-    p.set_defaults(func=cmd_peer)
+    p.set_defaults(func=_run_peer)
+
+
+def _run_peer(args: argparse.Namespace) -> int:
+    """`ccied peer`: the one command that loads the daemon (torch, FAISS, zeroconf: seconds)."""
+    global PeerDaemon, load_config, peer_config  # the names cmd_peer uses
+    from ccied.peer.config import load_config, peer_config
+    from ccied.peer.daemon import PeerDaemon
+
+    return cmd_peer(args)
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
@@ -281,6 +295,8 @@ def _print_result(result: FrameResult, as_json: bool) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from ccied.pruning.media import iter_frames  # Pillow and PyAV only: no torch
+
     _setup_logging(args.log_level)
     failures = 0
     with Client(args.socket, timeout_s=args.timeout_s) as client:
@@ -431,6 +447,34 @@ BENCHMARKS = (
 )
 
 
+class _BenchParser(argparse.ArgumentParser):
+    """One benchmark's parser: its module, and so its options, load only when it is named.
+
+    ``ccied bench --help`` lists the benchmarks from BENCHMARKS without importing
+    any (they import torch); ``ccied bench NAME ...``, its --help included, parses
+    with this parser, which imports ``ccied.bench.MODULE`` first.
+    """
+
+    def __init__(self, *args: Any, module: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._module = module
+
+    def load(self) -> None:
+        """Import the benchmark's module and add its options (once)."""
+        if not self._module:
+            return
+        module = importlib.import_module(f"ccied.bench.{self._module}")
+        self._module = ""
+        if module.__doc__:
+            self.description = module.__doc__.split("\n\n")[0]
+        module.add_arguments(self)
+        self.set_defaults(func=module.run)
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        self.load()
+        return super().parse_known_args(*args, **kwargs)
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     import numpy as np
     from ccied.cache import BadFeatureError, feature_from_tensor, thumbnail_feature
@@ -517,20 +561,25 @@ def _add_keys_parser(sub: Any) -> None:
             "use it: `ccied keys trust KEY_OR_FILE --name NAME`."
         ),
     )
-    k.add_argument(
-        "--state-dir", type=Path, help=f"the peer's state folder (default {default_state_dir()})"
-    )
+    state_help = f"the peer's state folder (default {default_state_dir()})"
+    k.add_argument("--state-dir", type=Path, help=state_help)
+    # Also after the action (`ccied keys list --state-dir DIR`); SUPPRESS keeps the
+    # value given before it when it is not repeated.
+    state = argparse.ArgumentParser(add_help=False)
+    state.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS, help=state_help)
     actions = k.add_subparsers(dest="keys_action", required=True, metavar="ACTION")
-    g = actions.add_parser("generate", help="create this peer's keypair")
+    g = actions.add_parser("generate", parents=[state], help="create this peer's keypair")
     g.add_argument("--name", default=os.uname().nodename, help="name written in the key file")
     g.add_argument("--force", action="store_true", help="replace an existing key")
-    actions.add_parser("show", help="print this peer's public key and its file")
-    t = actions.add_parser("trust", help="trust a peer's public key (Z85 text or its .key file)")
+    actions.add_parser("show", parents=[state], help="print this peer's public key and its file")
+    t = actions.add_parser(
+        "trust", parents=[state], help="trust a peer's public key (Z85 text or its .key file)"
+    )
     t.add_argument("key", metavar="KEY_OR_FILE")
     t.add_argument("--name", help="what to call it (default: the name in its file)")
-    u = actions.add_parser("untrust", help="stop trusting a key (by key or name)")
+    u = actions.add_parser("untrust", parents=[state], help="stop trusting a key (by key or name)")
     u.add_argument("key", metavar="KEY_OR_NAME")
-    actions.add_parser("list", help="the trusted keys")
+    actions.add_parser("list", parents=[state], help="the trusted keys")
     k.set_defaults(func=cmd_keys)
 
 
@@ -577,11 +626,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(every=args.every, limit=args.limit, json_out=args.json, plot_path=plot_path)
 
 
+class _VersionAction(argparse.Action):
+    """``ccied --version``: the installed package's version, read only when asked.
+
+    (importlib.metadata costs 30 ms to import: every other command would pay it.)
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(
+            option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        from importlib.metadata import version
+
+        parser.exit(message=f"ccied {version('ccied')}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ccied",
         description="Collaborative DNN inference with a semantic cache on edge-device clusters.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_peer_parser(sub)
 
@@ -684,14 +757,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a benchmark (JSON and PNG out)",
         description="Benchmarks on real frames; each prints a table and can write JSON and plots.",
     )
-    benches = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    benches = b.add_subparsers(
+        dest="bench", required=True, metavar="BENCHMARK", parser_class=_BenchParser
+    )
     for name, module_name, summary in BENCHMARKS:
-        module = importlib.import_module(f"ccied.bench.{module_name}")
-        bench_parser = benches.add_parser(
-            name, help=summary, description=(module.__doc__ or summary).split("\n\n")[0]
-        )
-        module.add_arguments(bench_parser)
-        bench_parser.set_defaults(func=module.run)
+        benches.add_parser(name, help=summary, description=summary, module=module_name)
 
     _add_keys_parser(sub)
 

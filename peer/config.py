@@ -23,27 +23,26 @@ from typing import Any
 
 from ccied.cache.audit import DEFAULT_AUDIT_RATE
 from ccied.cache.keys import THUMBNAIL_KEY
-from ccied.cache.semantic import DEFAULT_CAPACITY
-from ccied.peer.daemon import (
+from ccied.cache.policy import DEFAULT_CAPACITY
+from ccied.peer.daemon import PeerConfig
+from ccied.peer.defaults import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_PENDING,
     DEFAULT_METRICS_HOST,
     DEFAULT_REMOTE_TIMEOUT_S,
+    LOG_LEVELS,
     SHARED_FROM,
-    PeerConfig,
     Role,
 )
 from ccied.peer.errors import PeerError
 from ccied.peer.keys import KeyFileError, split_keyed_address
 from ccied.peer.paths import default_socket_path
-from ccied.pruning import DEFAULT_MODEL
-from ccied.pruning.planner import DEFAULT_FIDELITY_FLOOR
+from ccied.pruning.defaults import DEFAULT_FIDELITY_FLOOR, DEFAULT_MODEL
 
 # The documented alphabet of peer names (README, `--name`): it becomes a file
 # name (the socket), an mDNS instance name and a log field, so no '/', no
 # newline, no leading '.' or '-'. 64 characters is mDNS's instance-name room.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
 
 

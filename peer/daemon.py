@@ -27,7 +27,6 @@ import stat
 import time
 import uuid
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +36,7 @@ import zmq.asyncio
 import zmq.auth.asyncio
 from ccied.cache import (
     DEFAULT_AUDIT_RATE,
+    DEFAULT_CAPACITY,
     THUMBNAIL_KEY,
     Audit,
     BadFeatureError,
@@ -48,7 +48,6 @@ from ccied.cache import (
     feature_from_tensor,
     thumbnail_dim,
 )
-from ccied.cache.semantic import DEFAULT_CAPACITY
 from ccied.discovery import (
     Advertisement,
     DiscoveryError,
@@ -59,6 +58,14 @@ from ccied.discovery import (
 )
 from ccied.discovery.logutil import WarnOnce, suppressed_warnings
 from ccied.peer.cluster import Cluster, ClusterConfig, LocalLoad, SharedEntry, share_message
+from ccied.peer.defaults import (
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_METRICS_HOST,
+    DEFAULT_REMOTE_TIMEOUT_S,
+    SHARED_FROM,
+    Role,
+)
 from ccied.peer.errors import PeerError, ProtocolError
 from ccied.peer.keys import (
     Keypair,
@@ -92,15 +99,9 @@ from ccied.peer.wire import (
     WireCodec,
 )
 from ccied.peer.worker import BadTensorError, HeadResult, ModelWorker, Prepared
-from ccied.pruning import DEFAULT_MODEL, MediaError, ModelError
+from ccied.pruning import DEFAULT_FIDELITY_FLOOR, DEFAULT_MODEL, MediaError, ModelError
 from ccied.pruning.bundle import open_bundle
-from ccied.pruning.planner import (
-    DEFAULT_FIDELITY_FLOOR,
-    Link,
-    Need,
-    cache_plan,
-    rank_variants,
-)
+from ccied.pruning.planner import Link, Need, cache_plan, rank_variants
 
 if TYPE_CHECKING:
     from ccied.peer.metrics import PeerMetrics
@@ -108,11 +109,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 warn_once = WarnOnce(log)
 
-# Loopback and a port the OS picks: several peers can run on one machine and
-# find each other over mDNS; give a LAN address to reach other hosts.
-DEFAULT_LISTEN = "tcp://127.0.0.1:*"
-DEFAULT_REMOTE_TIMEOUT_S = 2.0
-DEFAULT_MAX_PENDING = 32
 # Unix socket paths are limited to 107 bytes by the kernel (sun_path).
 MAX_SOCKET_PATH_BYTES = 107
 ZAP_DOMAIN = "ccied"
@@ -129,13 +125,6 @@ MAX_PENDING_AUDITS = 2
 # carry), once the model thread has been idle this long.
 REMEASURE_INTERVAL_S = 10.0
 REMEASURE_IDLE_S = 2.0
-SHARED_FROM = ("trusted", "cloud", "none")
-DEFAULT_METRICS_HOST = "127.0.0.1"
-
-
-class Role(StrEnum):
-    EDGE = "edge"
-    CLOUD = "cloud"
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ccied.pruning.defaults import DEFAULT_CACHE_SPLIT, DEFAULT_MODEL
 from ccied.pruning.errors import ModelError
-from ccied.pruning.models import DEFAULT_MODEL, StagedModel, load_model
+from ccied.pruning.models import StagedModel, load_model
 from ccied.pruning.transfer import TransferProjection
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,6 @@ MAX_VARIANTS = 32
 # named here too because pruning does not import the cache).
 THUMBNAIL_SIDE = 16
 THUMBNAIL_KEY = f"thumb{THUMBNAIL_SIDE}"
-# The model-stage key, looked up when the thumbnail is inconclusive. blocks.4
-# (29.5% of the compute, on the way to every built-in split but the JPEG) did
-# as well as blocks.11 (69%) in `ccied bench cache`: 0.26 against 0.08 of the
-# clips' second halves, 0.33 against 0.26 of the pans' second pass, every hit
-# agreeing (2026-11-30). A hit at blocks.11 saved only the last 31%.
-DEFAULT_CACHE_SPLIT = "blocks.4"
 # The "split" of a JPEG variant: before the first stage.
 INPUT_SPLIT = "input"
 

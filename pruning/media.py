@@ -14,12 +14,15 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from ccied.pruning.errors import MediaError
-from ccied.pruning.models import ModelSpec
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch only where a frame becomes model input: `ccied submit` stays light
+    import torch
+    from ccied.pruning.models import ModelSpec
 
 # Frames outside these bounds are refused before any work is done on them.
 MIN_FRAME_SIDE = 8
@@ -94,6 +97,8 @@ def thumbnail(pixels: np.ndarray, size: int, side: int) -> np.ndarray:
 
 def normalize(crop: np.ndarray, spec: ModelSpec) -> torch.Tensor:
     """A size x size RGB uint8 crop -> normalised float32 input of shape (1, 3, S, S)."""
+    import torch  # here, not at the top: reading frames needs no torch
+
     size = spec.input_size
     if crop.dtype != np.uint8 or crop.shape != (size, size, 3):
         raise MediaError(f"expected a {size}x{size}x3 uint8 crop, got {crop.dtype} {crop.shape}")

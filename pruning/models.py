@@ -21,16 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ccied.pruning.defaults import DEFAULT_MODEL
 from ccied.pruning.errors import ModelError
 from torch import nn
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "efficientnet_lite0"
-# The smallest output of EfficientNet-Lite0 is 192 x 7 x 7 (37.6 KB as float32),
-# first reached after block 11 (69% of the compute; blocks 12-14 keep the shape
-# and only add head compute). The planner (transfer-layer issue) will choose.
-DEFAULT_SPLIT = "blocks.11"
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from ccied.pruning.bundle import Variant
+from ccied.pruning.defaults import DEFAULT_FIDELITY_FLOOR
 
-DEFAULT_FIDELITY_FLOOR = 0.98
 DEFAULT_BANDWIDTH_MBPS = 50.0  # until a link has been measured
 
 

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from ccied.pruning.bundle import (
     BUILTIN_VARIANTS,
-    DEFAULT_CACHE_SPLIT,
     THUMBNAIL_KEY,
     THUMBNAIL_SIDE,
     Variant,
     write_bundle,
 )
 from ccied.pruning.codec import CodecConfig, TensorCodec
+from ccied.pruning.defaults import DEFAULT_CACHE_SPLIT, DEFAULT_MODEL
 from ccied.pruning.media import (
     bundled_clips,
     center_crop,
@@ -46,7 +46,7 @@ from ccied.pruning.media import (
     normalize,
     thumbnail,
 )
-from ccied.pruning.models import DEFAULT_MODEL, StagedModel, load_model
+from ccied.pruning.models import StagedModel, load_model
 from ccied.pruning.transfer import (
     TransferProjection,
     fit_projection_from_activations,

@@ -49,9 +49,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from ccied.pruning.defaults import DEFAULT_SPLIT
 from ccied.pruning.errors import ModelError
 from ccied.pruning.media import preprocess
-from ccied.pruning.models import DEFAULT_SPLIT, StagedModel
+from ccied.pruning.models import StagedModel
 from torch import nn
 from torch.nn import functional
 

@@ -1,0 +1,23 @@
+"""Defaults that the command line shows in its help: plain values, no torch.
+
+``ccied submit --help`` and ``ccied peer --help`` name these; importing them
+from the modules that use them would load torch (seconds) to print a page of
+text. Each is defined here once and imported where it is used.
+"""
+
+from __future__ import annotations
+
+DEFAULT_MODEL = "efficientnet_lite0"
+# The smallest output of EfficientNet-Lite0 is 192 x 7 x 7 (37.6 KB as float32),
+# first reached after block 11 (69% of the compute; blocks 12-14 keep the shape
+# and only add head compute). The planner (transfer-layer issue) will choose.
+DEFAULT_SPLIT = "blocks.11"
+# The model-stage key, looked up when the thumbnail is inconclusive. blocks.4
+# (29.5% of the compute, on the way to every built-in split but the JPEG) did
+# as well as blocks.11 (69%) in `ccied bench cache`: 0.26 against 0.08 of the
+# clips' second halves, 0.33 against 0.26 of the pans' second pass, every hit
+# agreeing (2026-11-30). A hit at blocks.11 saved only the last 31%.
+DEFAULT_CACHE_SPLIT = "blocks.4"
+# The least measured agreement with the unpruned model a variant needs to be
+# sent for a latency-first frame (ccied.pruning.planner).
+DEFAULT_FIDELITY_FLOOR = 0.98
