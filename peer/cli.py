@@ -40,6 +40,7 @@ from ccied.peer.defaults import (
 )
 from ccied.peer.errors import PeerError, ProtocolError, RequestFailedError
 from ccied.peer.keys import KEY_CHARS, KeyStore, check_key, default_state_dir
+from ccied.peer.status_view import render as render_status
 from ccied.pruning.defaults import DEFAULT_CACHE_SPLIT, DEFAULT_FIDELITY_FLOOR, DEFAULT_MODEL
 from ccied.pruning.errors import PruningError
 
@@ -331,92 +332,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     with Client(args.socket, timeout_s=args.timeout_s) as client:
         status = client.status()
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    req = status["requests"]
-    split = status["cache_split"]
-    print(f"peer     {status['name']} ({status['role']}), pid {status['pid']}")
-    print(
-        f"bundle   {status['bundle_id']} ({status['bundle']})  model {status['model']}  "
-        f"cache split {split['name']}"
-    )
-    for v in status["variants"]:
-        print(
-            f"variant  {v['name']:<18} {v['payload_bytes']:>7} B  agreement {v['agreement']}  "
-            f"head {v['head_ms']:.1f} ms  chosen {v['chosen']}"
-        )
-    print(f"listen   {status['listen'] or '-'}   socket {status['socket'] or '-'}")
-    print(
-        f"requests submitted {req['submitted']}  answered {req['answered']}  "
-        f"by source {req['by_source']}  failovers {req['failovers']}  errors {req['errors']}  "
-        f"busy {req['busy']}  served for peers {req['served_for_peers']}"
-    )
-    cache = status["cache"]
-    if cache["enabled"]:
-        _print_cache(cache)
-    else:
-        print("cache    off")
-    for n in status["neighbours"]:
-        bandwidth = f"{n['bandwidth_mbps']:.0f} Mbit/s" if n["bandwidth_mbps"] else "bw ?"
-        estimate = n.get("tail_estimate", {})
-        tail = (
-            f"model {estimate['full_ms']:.1f} ms (from {estimate['source']})"
-            if "full_ms" in estimate
-            else "model time ?"
-        )
-        print(
-            f"neighbour {n['name']} ({n['role']}) {n['address']}  rtt {n['rtt_ms']:.1f} ms  "
-            f"{bandwidth}  load {n['load']:.2f}  {tail}  seen {n['last_seen_s']:.1f} s ago"
-        )
-    security = status.get("security", {})
-    if security.get("mode") == "curve":
-        print(
-            f"security curve  key {security['public_key']}  trusted {security['trusted_keys']}"
-            f"  state {security['state_dir']}  shared entries from "
-            f"{security['accept_shared_from']}"
-        )
-    else:
-        print("security INSECURE (--insecure): no authentication, no encryption")
-    # Why a configured or discovered peer is not a neighbour, when keys are the reason.
-    for link in status.get("cluster", {}).get("links", []):
-        if link.get("handshake_error") and not link.get("connected"):
-            print(f"link     {link['address']}: {link['handshake_error']}")
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
     return 0
-
-
-def _print_cache(cache: dict[str, Any]) -> None:
-    print(
-        f"cache    {cache['entries']} entries  frames {cache['frames']}  hits {cache['hits']}"
-        f"  hit rate {cache['hit_rate']:.1%}  by depth {cache['hits_by_depth']}"
-        f"  persistent {cache['persistent']}"
-    )
-    reasons = {k: v for k, v in cache["miss_reasons"].items() if v}
-    print(
-        f"         misses {cache['misses']}: {reasons or '-'}  deeper key skipped "
-        f"{cache['cache_skipped']} (it would cost more than it saves)"
-    )
-    for depth in cache["depths"]:
-        rule = depth["rule"]
-        print(
-            f"         depth {depth['name']:<9} {depth['entries']} entries  index {depth['index']}"
-            f"  threshold {rule['threshold_l2']:.3f}  answer floor {rule['answer_floor']:.2f}"
-            f"  margin {rule['vote_margin']}"
-        )
-    audit = cache["audit"]
-
-    def share(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3f}"
-
-    print(
-        f"audit    rate {audit['rate']:.3f}  checked {audit['checked']}  wrong {audit['wrong']}"
-        f"  false-hit rate {share(audit['false_hit_rate'])} (95% bound "
-        f"{audit['false_hit_upper_95']:.3f}, target {audit['target_false_hit_rate']})"
-        f"  fidelity decisive {share(audit['fidelity_decisive'])} all "
-        f"{share(audit['fidelity_all'])}  tightened {audit['tightened']}"
-    )
-    if audit["refused_origins"]:
-        print(f"         entries refused from: {', '.join(audit['refused_origins'])}")
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
