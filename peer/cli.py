@@ -39,7 +39,7 @@ from ccied.peer.defaults import (
     Role,
 )
 from ccied.peer.errors import PeerError, ProtocolError, RequestFailedError
-from ccied.peer.keys import KEY_CHARS, KeyStore, check_key, default_state_dir
+from ccied.peer.keys import KEY_CHARS, KeyStore, check_key, default_state_dir, read_certificate
 from ccied.peer.status_view import render as render_status
 from ccied.pruning.defaults import DEFAULT_CACHE_SPLIT, DEFAULT_FIDELITY_FLOOR, DEFAULT_MODEL
 from ccied.pruning.errors import PruningError
@@ -496,7 +496,9 @@ def _add_keys_parser(sub: Any) -> None:
     t.add_argument("--name", help="what to call it (default: the name in its file)")
     u = actions.add_parser("untrust", parents=[state], help="stop trusting a key (by key or name)")
     u.add_argument("key", metavar="KEY_OR_NAME")
-    actions.add_parser("list", parents=[state], help="the trusted keys")
+    actions.add_parser(
+        "list", parents=[state], help="the keys this peer trusts: its own, then trusted/"
+    )
     k.set_defaults(func=cmd_keys)
 
 
@@ -525,9 +527,26 @@ def cmd_keys(args: argparse.Namespace) -> int:
         for path in removed:
             print(f"removed {path}")
     else:  # list
-        for name, key in sorted(store.trusted().items()):
-            print(f"{name:<24} {key}")
+        _list_keys(store)
     return 0
+
+
+def _list_keys(store: KeyStore) -> None:
+    # Peers started with one state folder share its key and trust each other
+    # through it, with nothing in trusted/: an empty list there hid that.
+    own = next((f for f in (store.public_file, store.secret_file) if f.exists()), None)
+    trusted = sorted(store.trusted().items())
+    if own is None and not trusted:
+        print(f"no key and no trusted keys in {store.state_dir} (a peer makes its own on start)")
+        return
+    if own is not None:
+        cert = read_certificate(own)
+        print(
+            f"{cert.name or own.stem:<24} {cert.public}  "
+            "own key: every peer using this state folder has it and trusts it"
+        )
+    for name, key in trusted:
+        print(f"{name:<24} {key}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

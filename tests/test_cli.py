@@ -153,3 +153,30 @@ def test_a_reader_that_leaves_early_is_no_traceback() -> None:
     process.wait(timeout=120)
     assert process.returncode == 141, stderr
     assert stderr == ""
+
+
+def test_keys_list_shows_the_folders_own_key_then_the_trusted_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ccied.peer.cli import main
+    from ccied.peer.keys import KeyStore
+
+    state = tmp_path / "state"
+    assert main(["keys", "list", "--state-dir", str(state)]) == 0
+    assert capsys.readouterr().out == (
+        f"no key and no trusted keys in {state} (a peer makes its own on start)\n"
+    )
+    assert not state.exists()  # listing creates nothing
+    # Peers started with this folder share its key: they trust each other with
+    # nothing in trusted/, and the list says so.
+    own = KeyStore(state).generate("cam1").public
+    other = KeyStore(tmp_path / "other").generate("laptop").public
+    capsys.readouterr()
+    assert main(["keys", "--state-dir", str(state), "list"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.split()[:2] == ["cam1", own] and "own key: every peer using this state" in line
+    assert main(["keys", "--state-dir", str(state), "trust", other, "--name", "laptop"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "list", "--state-dir", str(state)]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith("cam1") and second.split() == ["laptop", other]
