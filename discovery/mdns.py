@@ -62,8 +62,10 @@ _BUNDLE_RE = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_BUNDLE_CHARS}}}")
 # Printable ASCII without spaces: covers hex, base64 and Z85 (CurveZMQ) keys.
 _KEY_RE = re.compile(rf"[!-~]{{0,{MAX_KEY_CHARS}}}")
 _UINT16_RE = re.compile(r"[0-9]{1,5}")
+# Where the peer's model runs ("cpu", "cuda:0"); optional: older peers do not send it.
+_DEVICE_RE = re.compile(r"[A-Za-z0-9:._-]{0,32}")
 _REQUIRED_KEYS = ("name", "role", "bundle", "wire", "port")
-_KNOWN_KEYS = frozenset({*_REQUIRED_KEYS, "key"})
+_KNOWN_KEYS = frozenset({*_REQUIRED_KEYS, "key", "device"})
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class Advertisement:
     port: int
     addresses: tuple[str, ...] = field(default=("127.0.0.1",))
     public_key: str = ""
+    device: str = ""  # where its model runs: "cpu", "cuda:0" ("": not said)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "addresses", tuple(self.addresses))
@@ -139,7 +142,7 @@ class AnnouncementListener(Protocol):
 
 def txt_record(advertisement: Advertisement) -> dict[str, str]:
     """The TXT record announcing ``advertisement`` (keys as DESIGN.md lists them)."""
-    return {
+    record = {
         "name": advertisement.name,
         "role": advertisement.role,
         "bundle": advertisement.bundle_id,
@@ -147,6 +150,9 @@ def txt_record(advertisement: Advertisement) -> dict[str, str]:
         "port": str(advertisement.port),
         "key": advertisement.public_key,
     }
+    if advertisement.device:  # added later: peers that do not know it ignore it
+        record["device"] = advertisement.device
+    return record
 
 
 def parse_txt(
@@ -191,6 +197,7 @@ def parse_txt(
     if port == 0 or (srv_port is not None and port != srv_port):
         raise MalformedAnnouncementError(f"TXT port {port} does not match SRV port {srv_port}")
     public_key = _match(_KEY_RE, fields.get("key", ""), "key")
+    device = _match(_DEVICE_RE, fields.get("device", ""), "device")
     return Announcement(
         name=name,
         role=role,
@@ -198,6 +205,7 @@ def parse_txt(
         bundle_id=bundle_id,
         wire_version=wire_version,
         public_key=public_key,
+        device=device,
     )
 
 

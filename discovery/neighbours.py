@@ -23,6 +23,7 @@ Hysteresis, so that a slow-but-alive neighbour does not flap in and out:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -94,6 +95,7 @@ class Announcement:
     bundle_id: str
     wire_version: int
     public_key: str = ""
+    device: str = ""  # where its model runs, when its mDNS record says ("cpu", "cuda:0")
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class Neighbour:
     queue_length: int
     last_seen: float
     consecutive_failures: int = 0
+    device: str = ""
 
 
 class _State(Enum):
@@ -175,6 +178,7 @@ class _Entry:
             queue_length=self.queue_length,
             last_seen=self.last_seen if self.last_seen is not None else self.since,
             consecutive_failures=self.failures,
+            device=a.device,
         )
 
 
@@ -252,6 +256,9 @@ class NeighbourTable:
             )
             self._entries[name] = _Entry(announcement, t)
             return True
+        if not announcement.device and entry.announcement.device:
+            # A heartbeat's suggestion does not carry the device mDNS told us.
+            announcement = dataclasses.replace(announcement, device=entry.announcement.device)
         entry.announcement = announcement  # bundle or key may change on a restart
         entry.last_heard = max(entry.last_heard, t)
         return True
@@ -442,6 +449,7 @@ class NeighbourTable:
                     "address": n.address,
                     "bundle_id": n.bundle_id,
                     "wire_version": n.wire_version,
+                    "device": n.device or None,
                     "rtt_ms": round(n.rtt_ms, 3),
                     "bandwidth_mbps": (
                         None if n.bandwidth_mbps is None else round(n.bandwidth_mbps, 3)

@@ -28,6 +28,7 @@ from ccied.cache.policy import (
     THUMBNAIL_THRESHOLD_L2,
 )
 from ccied.peer.argtypes import positive_int, unit_interval
+from ccied.peer.batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH
 from ccied.peer.client import Client, FrameResult
 from ccied.peer.defaults import (
     DEFAULT_LISTEN,
@@ -142,6 +143,23 @@ def _add_peer_parser(sub: Any) -> None:
         help=f"requests in progress before answering BUSY (default {DEFAULT_MAX_PENDING})",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--device",
+        help="where the model runs: auto (default: CUDA when torch sees a GPU, else the CPU), "
+        "cpu, cuda or cuda:N",
+    )
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        help=f"how long a neighbour's tensor may wait for others of its variant to run with "
+        f"(default {DEFAULT_BATCH_WINDOW_MS:g} for a cloud, 0 for an edge)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        help=f"most neighbours' tensors run as one batch (default {DEFAULT_MAX_BATCH}; "
+        "1: no batching)",
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -361,6 +379,7 @@ BENCHMARKS = (
     ("cluster", "cluster_bench", "ccied against edge-only, cloud-only, split, split+quant"),
     ("fuzz", "fuzz", "fuzz every decoder (wire, codec, bundle, cache files)"),
     ("chaos", "chaos", "SIGKILL peers and the cloud mid-stream: lost, answered twice, added p99"),
+    ("cloud", "cloud", "a cloud serving many edges' tensors: frames/s and latency, batched or not"),
 )
 
 

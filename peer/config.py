@@ -24,6 +24,7 @@ from typing import Any
 from ccied.cache.audit import DEFAULT_AUDIT_RATE
 from ccied.cache.keys import THUMBNAIL_KEY
 from ccied.cache.policy import DEFAULT_CAPACITY
+from ccied.peer.batching import DEFAULT_MAX_BATCH
 from ccied.peer.daemon import PeerConfig
 from ccied.peer.defaults import (
     DEFAULT_LISTEN,
@@ -34,6 +35,7 @@ from ccied.peer.defaults import (
     SHARED_FROM,
     Role,
 )
+from ccied.peer.device import DEFAULT_DEVICE, check_device
 from ccied.peer.errors import PeerError
 from ccied.peer.keys import KeyFileError, split_keyed_address
 from ccied.peer.paths import default_socket_path
@@ -125,6 +127,9 @@ CONFIG_CHECKS: dict[str, Check] = {
     "accept_shared_from": Check("str", choices=SHARED_FROM),
     "metrics_port": Check("int", 1, 65535),
     "metrics_host": Check("str"),
+    "device": Check("str"),
+    "batch_window_ms": Check("number", 0),
+    "max_batch": Check("int", 1, 4096),
 }
 CONFIG_KEYS = frozenset(CONFIG_CHECKS)
 
@@ -272,6 +277,9 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         audit_rate=float(pick("audit_rate", DEFAULT_AUDIT_RATE)),
         metrics_port=pick("metrics_port"),
         metrics_host=pick("metrics_host", DEFAULT_METRICS_HOST),
+        device=check_device(pick("device", DEFAULT_DEVICE)),
+        batch_window_ms=pick("batch_window_ms"),
+        max_batch=pick("max_batch", DEFAULT_MAX_BATCH),
     )
 
 

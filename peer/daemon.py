@@ -57,6 +57,7 @@ from ccied.discovery import (
     advertised_addresses,
 )
 from ccied.discovery.logutil import WarnOnce, suppressed_warnings
+from ccied.peer.batching import DEFAULT_MAX_BATCH
 from ccied.peer.cluster import Cluster, ClusterConfig, LocalLoad, SharedEntry, share_message
 from ccied.peer.defaults import (
     DEFAULT_LISTEN,
@@ -66,6 +67,7 @@ from ccied.peer.defaults import (
     SHARED_FROM,
     Role,
 )
+from ccied.peer.device import DEFAULT_DEVICE, device_name, resolve_device
 from ccied.peer.errors import PeerError, ProtocolError
 from ccied.peer.keys import (
     Keypair,
@@ -76,6 +78,7 @@ from ccied.peer.keys import (
 )
 from ccied.peer.peer_cache import NewEntry, PeerCache, rule_for
 from ccied.peer.routing import Candidate, TargetKind, plan
+from ccied.peer.tails import DeadlineExpiredError, TailService, batch_config_for
 from ccied.peer.transport import EmulatedLink
 from ccied.peer.wire import (
     MAX_SHARED_ENTRIES,
@@ -175,6 +178,12 @@ class PeerConfig:
     # Serve Prometheus metrics over HTTP on this port (None: off; 0: a free one).
     metrics_port: int | None = None
     metrics_host: str = DEFAULT_METRICS_HOST
+    # Where the model runs: auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N.
+    device: str = DEFAULT_DEVICE
+    # Tails for other peers run in batches of up to max_batch (1: no batching),
+    # waiting up to batch_window_ms to fill (None: 2 ms for a cloud, 0 for an edge).
+    batch_window_ms: float | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
     # Only tests change these.
     mdns_service_type: str | None = None
 
@@ -218,6 +227,7 @@ class PeerDaemon:
         if config.socket_path is not None:
             # Before the model loads (seconds): a folder we must refuse fails fast.
             _prepare_socket_path(config.socket_path)
+        device = resolve_device(config.device)  # before keys and the model: fail fast
         self.config = config
         self._static = [split_keyed_address(a) for a in self._static_targets(config)]
         self.keys: KeyStore | None = None
@@ -253,7 +263,11 @@ class PeerDaemon:
         except ModelError as exc:
             raise PeerError(str(exc)) from exc
         try:
-            self.worker = ModelWorker(self.bundle, slowdown=config.slowdown)
+            self.worker = ModelWorker(self.bundle, slowdown=config.slowdown, device=device)
+            self.tails = TailService(
+                self.worker,
+                batch_config_for(str(config.role), config.batch_window_ms, config.max_batch),
+            )
             self.link = EmulatedLink(config.link_bandwidth_mbps, config.link_rtt_ms)
         except ValueError as exc:
             raise PeerError(str(exc)) from exc
@@ -411,6 +425,7 @@ class PeerDaemon:
                     port=int(port),
                     addresses=advertised_addresses(host, interfaces),
                     public_key=self.identity.public if self.identity else "",
+                    device=str(self.worker.device),
                 )
             except (DiscoveryError, ValueError) as exc:
                 raise PeerError(f"cannot advertise this peer over mDNS: {exc}") from exc
@@ -1197,13 +1212,20 @@ class PeerDaemon:
                 code=ErrorCode.BUNDLE_MISMATCH,
                 message=f"bundle {request.bundle_id!r} differs from this peer's {self.bundle_id!r}",
             )
+        started = time.perf_counter()
         try:
-            prediction = await self.worker.tail(request.variant, request.tensor, request.encoding)
+            # Batched with other tensors of its variant (peer/tails.py).
+            prediction = await self.tails.run(
+                request.variant, request.tensor, request.encoding, request.deadline_ms
+            )
         except BadTensorError as exc:
             self.counters.errors += 1
             return ErrorReply(
                 request_id=request.request_id, code=ErrorCode.BAD_TENSOR, message=str(exc)
             )
+        except DeadlineExpiredError as exc:  # its sender has moved on: not run late
+            self.counters.busy += 1
+            return ErrorReply(request_id=request.request_id, code=ErrorCode.BUSY, message=str(exc))
         self.counters.served_for_peers += 1
         return InferResult(
             request_id=request.request_id,
@@ -1214,6 +1236,7 @@ class PeerDaemon:
             source=Source.CLOUD if self.config.role is Role.CLOUD else Source.PEER,
             served_by=self.config.name,
             tail_ms=prediction.tail_ms,
+            served_ms=(time.perf_counter() - started) * 1e3,
         )
 
     def _count_answer(self, source: Source) -> None:
@@ -1255,6 +1278,9 @@ class PeerDaemon:
                 for name, runtime in self.worker.variants.items()
             ],
             "pinned_variant": self.config.variant,
+            "device": str(self.worker.device),
+            "device_name": device_name(str(self.worker.device)),
+            "batching": self.tails.status(),
             "listen": self.listen_address or None,
             "socket": str(self._socket_path) if self._socket_path else None,
             "neighbours": self._neighbours(),

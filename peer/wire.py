@@ -129,6 +129,9 @@ class InferResult:
     cache_depth: str = ""  # the key depth that answered (source cache), else ""
     # Why the cache did not answer (a ccied.cache.MissReason), "" on a hit or without a cache.
     cache_reason: str = ""
+    # A tail for another peer: ms from the decoded request to its answer there,
+    # batch wait included (0 when not measured, and from peers before this field).
+    served_ms: float = 0.0
 
 
 class CacheOp(StrEnum):
@@ -283,6 +286,7 @@ class MsgpackCodec:
                     "variant": message.variant,
                     "cache_depth": message.cache_depth,
                     "cache_reason": message.cache_reason,
+                    "served_ms": float(message.served_ms),
                 }
             case ErrorReply():
                 body = {"code": str(message.code), "message": message.message}
@@ -535,6 +539,7 @@ def _parse(header: dict[str, Any], frames: Sequence[bytes], request_id: str) -> 
                 variant=text("variant"),
                 cache_depth=optional_text("cache_depth"),
                 cache_reason=optional_text("cache_reason"),
+                served_ms=number("served_ms") if "served_ms" in body else 0.0,
             )
         case MessageType.ERROR:
             try:

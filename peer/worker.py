@@ -12,6 +12,12 @@ stopping at the cache split first when the deeper key is wanted, and keeps the
 cache split's tensor whenever it passes it, so a miss can be sent in that
 variant's format, finished here from where the head stopped, and cached at
 every depth.
+
+Every stage runs on one torch device (``--device``: the CPU or a CUDA GPU).
+Tails that other peers send run in batches (:meth:`ModelWorker.tail_batch`,
+fed by ``ccied.peer.batching``): each payload is decoded on its own, so a bad
+one fails alone, the decoded tensors are copied once into one batch (pinned
+host memory on CUDA, then one transfer), and the tail runs once.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -124,15 +130,19 @@ class _VariantRuntime:
 class ModelWorker:
     """Runs the bundle's stages, codecs and preprocessing on one thread."""
 
-    def __init__(self, bundle: Bundle, slowdown: float = 1.0) -> None:
+    def __init__(self, bundle: Bundle, slowdown: float = 1.0, device: str = "cpu") -> None:
+        """``device``: ``cpu`` or ``cuda:N``, as ``ccied.peer.device.resolve_device`` gives it."""
         if slowdown < 1.0:
             raise ValueError(f"slowdown must be at least 1, got {slowdown}")
+        self.device = torch.device(device)
+        # Batches go host -> GPU through pinned memory (an asynchronous copy).
+        self._pinned = self.device.type == "cuda"
         # An emulated slower device: each forward pass takes `slowdown` times
         # as long (the thread sleeps for the difference, so it stays busy).
         self.slowdown = slowdown
         self.bundle = bundle
         self.model = bundle.model
-        self.stages = list(bundle.model.stages)
+        self.stages = [stage.to(self.device) for stage in bundle.model.stages]
         self.cache_point = bundle.model.split_point(bundle.cache_split)
         self.variants: dict[str, _VariantRuntime] = {}
         for variant in bundle.variants:
@@ -145,6 +155,7 @@ class ModelWorker:
             projection = bundle.projections.get(variant.name)
             if projection is not None:
                 encode, decode = projection_convs(projection)
+                encode, decode = encode.to(self.device), decode.to(self.device)
                 shape = (1, projection.kept, *point.output_shape[1:])
             codec = None if variant.bits is None else TensorCodec(CodecConfig(bits=variant.bits))
             self.variants[variant.name] = _VariantRuntime(
@@ -205,17 +216,23 @@ class ModelWorker:
             self._prepare(np.full((size, size, 3), 128, dtype=np.uint8))
             self.prepare_ms = (time.perf_counter() - start) * 1e3 * self.slowdown
             with torch.inference_mode():
-                x = torch.zeros(1, 3, size, size)
+                x = torch.zeros(1, 3, size, size, device=self.device)
                 self.stages_forward(x, 0, len(self.stages) - 1)  # first pass: allocations
+                self._synchronize()
                 timings = []
                 for stage in self.stages:
                     start = time.perf_counter()
                     x = stage(x)
+                    self._synchronize()  # a CUDA stage has only been queued when it returns
                     timings.append((time.perf_counter() - start) * 1e3 * self.slowdown)
             self.stage_ms = timings
             self.full_ms_ewma = sum(timings)
 
         await self._run(work)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def stages_forward(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
         for stage in self.stages[first : last + 1]:
@@ -289,7 +306,7 @@ class ModelWorker:
             start = time.perf_counter()
             pixels = frame.pixels if isinstance(frame, Prepared) else frame
             crop = center_crop(pixels, self.model.spec.input_size)
-            x = normalize(crop, self.model.spec)
+            x = normalize(crop, self.model.spec).to(self.device)
             cache_index = self.cache_point.index
             # With the key wanted, stop at the cache split (a later split's
             # stages run in complete(), on a miss); an earlier split's payload
@@ -300,7 +317,7 @@ class ModelWorker:
                 for index, stage in enumerate(self.stages[: last + 1]):
                     x = stage(x)
                     if index == cache_index:
-                        cache_tensor = x.numpy().astype(np.float32, copy=True)
+                        cache_tensor = x.cpu().numpy().astype(np.float32, copy=True)
                     if index == runtime.index:
                         at_variant = x if runtime.encode is None else runtime.encode(x)
             if runtime.variant.is_image:
@@ -347,7 +364,7 @@ class ModelWorker:
 
     @staticmethod
     def _wire(runtime: _VariantRuntime, at_variant: torch.Tensor) -> tuple[np.ndarray, str]:
-        wire = at_variant.numpy().astype(np.float32, copy=False)
+        wire = at_variant.cpu().numpy().astype(np.float32, copy=False)
         if runtime.codec is None:
             return np.ascontiguousarray(wire), RAW
         return np.frombuffer(runtime.codec.encode(wire), dtype=np.uint8), CODEC
@@ -407,43 +424,103 @@ class ModelWorker:
         return runtime
 
     async def tail(self, variant: str, tensor: np.ndarray, encoding: str) -> Prediction:
-        """Run the variant's tail on a payload another peer sent."""
-        runtime = self.check_tensor(variant, tensor, encoding)
-        share = self.tail_share(variant)
+        """Run the variant's tail on a payload another peer sent (BadTensorError if unfit)."""
+        self.check_tensor(variant, tensor, encoding)
+        (result,) = await self.tail_batch(variant, [(tensor, encoding)])
+        if isinstance(result, BadTensorError):
+            raise result
+        return result
 
-        def work() -> Prediction:
+    async def tail_batch(
+        self, variant: str, payloads: Sequence[tuple[np.ndarray, str]]
+    ) -> list[Prediction | BadTensorError]:
+        """Run the variant's tail once on a batch of payloads (tensor, encoding).
+
+        One result per payload, in order: a payload that does not fit or does
+        not decode is a BadTensorError in its place and leaves the others be.
+        Each prediction's ``tail_ms`` is its share of the batch (the batch's
+        time over its size): what a frame costs this peer, so a neighbour's
+        estimate from replies (tail time x queue) reflects the batching.
+        """
+        runtime = self.variants.get(variant)
+        share = self.tail_share(variant) if runtime is not None else 1.0
+
+        def work() -> list[Prediction | BadTensorError]:
             start = time.perf_counter()
-            if runtime.variant.is_image:
-                size = self.model.spec.input_size
-                image_format = IMAGE_FORMATS[runtime.encoding]
+            failures: list[BadTensorError | None] = []
+            inputs: list[np.ndarray] = []
+            for tensor, encoding in payloads:
                 try:
-                    pixels = decode_image(tensor.tobytes(), size, image_format)
-                    x = normalize(pixels, self.model.spec)
-                except MediaError as exc:
-                    raise BadTensorError(str(exc)) from exc
-                with torch.inference_mode():
-                    logits = self.stages_forward(x, 0, len(self.stages) - 1)
-                return self._predict(logits, start, share)
-            if runtime.codec is not None:
-                try:
-                    values = runtime.codec.decode(tensor.tobytes())
-                except CodecError as exc:
-                    raise BadTensorError(f"undecodable payload: {exc}") from exc
-                if tuple(values.shape) != runtime.wire_shape:
-                    raise BadTensorError(
-                        f"payload shape {tuple(values.shape)}, expected {runtime.wire_shape}"
-                    )
-            else:
-                values = tensor
-            # The wire gives a read-only buffer; torch wants a writable one.
-            x = torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+                    checked = self.check_tensor(variant, tensor, encoding)
+                    inputs.append(self._decode_payload(checked, tensor))
+                    failures.append(None)
+                except BadTensorError as exc:
+                    failures.append(exc)
+            if runtime is None or not inputs:
+                return [f for f in failures if f is not None]
             with torch.inference_mode():
+                x = self._stack(inputs)
                 if runtime.decode is not None:
                     x = runtime.decode(x)
                 logits = self.stages_forward(x, runtime.index + 1, len(self.stages) - 1)
-            return self._predict(logits, start, share)
+                confidences, labels = torch.max(torch.softmax(logits, dim=1), dim=1)
+                answers = iter(zip(labels.cpu().tolist(), confidences.cpu().tolist(), strict=True))
+            tail_ms = self._emulate(start) / len(inputs)
+            if share > 0.05:
+                full = tail_ms / share
+                self.full_ms_ewma = (
+                    0.8 * self.full_ms_ewma + 0.2 * full if self.full_ms_ewma else full
+                )
+            out: list[Prediction | BadTensorError] = []
+            for failure in failures:
+                if failure is not None:
+                    out.append(failure)
+                    continue
+                label, confidence = next(answers)
+                out.append(
+                    Prediction(
+                        label=int(label),
+                        class_name=self.model.spec.class_names[int(label)],
+                        confidence=float(confidence),
+                        tail_ms=tail_ms,
+                    )
+                )
+            return out
 
         return await self._run(work)
+
+    def _decode_payload(self, runtime: _VariantRuntime, tensor: np.ndarray) -> np.ndarray:
+        """A checked payload as the tail's float32 input, (1, ...); BadTensorError if it
+        does not decode. A raw tensor is not copied here: the batch copies it once."""
+        if runtime.variant.is_image:
+            size = self.model.spec.input_size
+            try:
+                pixels = decode_image(tensor.tobytes(), size, IMAGE_FORMATS[runtime.encoding])
+                return normalize(pixels, self.model.spec).numpy()
+            except MediaError as exc:
+                raise BadTensorError(str(exc)) from exc
+        if runtime.codec is None:
+            return tensor
+        try:
+            values = runtime.codec.decode(tensor.tobytes())
+        except CodecError as exc:
+            raise BadTensorError(f"undecodable payload: {exc}") from exc
+        if tuple(values.shape) != runtime.wire_shape:
+            raise BadTensorError(
+                f"payload shape {tuple(values.shape)}, expected {runtime.wire_shape}"
+            )
+        return values
+
+    def _stack(self, inputs: list[np.ndarray]) -> torch.Tensor:
+        """One (n, ...) batch on the device. The only copy of the payloads: from the
+        (read-only) wire buffers into the batch, in pinned memory on CUDA so the
+        transfer to the GPU is one asynchronous copy."""
+        shape = (len(inputs), *inputs[0].shape[1:])
+        host = torch.empty(shape, dtype=torch.float32, pin_memory=self._pinned)
+        rows = host.numpy()
+        for row, values in zip(rows, inputs, strict=True):
+            row[...] = values[0]
+        return host.to(self.device, non_blocking=True) if self._pinned else host
 
     async def audit(self, frame: np.ndarray) -> Prediction:
         """The full, unpruned float32 model on a frame, at low priority (the cache audit)."""
@@ -451,7 +528,7 @@ class ModelWorker:
 
         def work() -> Prediction:
             start = time.perf_counter()
-            x = normalize(center_crop(frame, size), self.model.spec)
+            x = normalize(center_crop(frame, size), self.model.spec).to(self.device)
             with torch.inference_mode():
                 logits = self.stages_forward(x, 0, len(self.stages) - 1)
             probs = torch.softmax(logits, dim=1)[0]
