@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import zmq.asyncio
@@ -92,6 +93,14 @@ class SharedEntry:
     depth: str = ""  # the key depth of ``feature``
 
 
+class EntrySink(Protocol):
+    """Where cache entries that neighbours share with us go (ccied.peer.sharing.Sharing)."""
+
+    def accept(self, share: CacheShare, sender: str, sender_key: str) -> int:
+        """Take the sane entries of ``share``; returns how many were taken."""
+        ...
+
+
 class Cluster:
     """Neighbour links, heartbeats and cache sharing for one peer (event loop only)."""
 
@@ -103,7 +112,7 @@ class Cluster:
         table: NeighbourTable,
         link: EmulatedLink,
         local_load: Callable[[], LocalLoad],
-        on_entries: Callable[[CacheShare, str, str], int],
+        sink: EntrySink | None,
         keys: KeyStore | None = None,
         identity: Keypair | None = None,
     ) -> None:
@@ -119,7 +128,7 @@ class Cluster:
         self._context = context
         self._codec = codec
         self._local_load = local_load
-        self._on_entries = on_entries
+        self._sink = sink  # where shared entries that neighbours send us go (None: no cache)
         # One link per (address, server key): while a static address's key is
         # unknown, each trusted key is tried and the one that answers stays.
         self.links: dict[tuple[str, str | None], RemoteTarget] = {}
@@ -133,8 +142,7 @@ class Cluster:
         self._outbox: collections.deque[SharedEntry] = collections.deque(
             maxlen=SHARE_OUTBOX_ENTRIES
         )
-        self.shared_out = 0
-        self.shared_in = 0
+        self.shared_out = 0  # entries delivered to neighbours (the sink counts those taken)
         self.sent_to: collections.Counter[str] = collections.Counter()
         self._closed = False
 
@@ -379,8 +387,8 @@ class Cluster:
                     name=neighbour.name,
                     kind=kind,
                     address=neighbour.address,
-                    # The whole model's time there; the daemon scales it to a tail.
-                    tail_ms=self.estimates.full_ms(neighbour.name, now)[0],
+                    # The whole model's time there; the policy scales it to a tail.
+                    full_ms=self.estimates.full_ms(neighbour.name, now)[0],
                     queue_length=neighbour.queue_length,
                     rtt_ms=neighbour.rtt_ms,
                     bandwidth_mbps=neighbour.bandwidth_mbps or self.link.bandwidth_mbps,
@@ -454,9 +462,9 @@ class Cluster:
                 depth=depth,
             )
             exchange = await self.send(address, request, self.config.heartbeat_timeout_s * 5)
-            if isinstance(exchange.reply, CacheShare):
-                # on_entries counts them in shared_in (counting here too doubled them).
-                accepted = self._on_entries(exchange.reply, name, self.key_of(address) or "")
+            if isinstance(exchange.reply, CacheShare) and self._sink is not None:
+                # The sink counts what it takes (counting here too once doubled them).
+                accepted = self._sink.accept(exchange.reply, name, self.key_of(address) or "")
                 log.info("received %d cache entries (%s) from %s", accepted, depth or "-", name)
 
     # -- status -----------------------------------------------------------------
@@ -486,7 +494,6 @@ class Cluster:
             "sent_to": dict(self.sent_to),
             "tail_estimates": self.estimates.describe(time.monotonic()),
             "shared_out": self.shared_out,
-            "shared_in": self.shared_in,
             "bytes_sent": self.link.bytes_sent,
             "share_queue": len(self._outbox),
             "link_emulation": self.link.describe(),

@@ -17,7 +17,7 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from ccied.cache.audit import DEFAULT_AUDIT_RATE
 from ccied.cache.keys import THUMBNAIL_KEY
 from ccied.cache.policy import DEFAULT_CAPACITY
 from ccied.peer.batching import DEFAULT_MAX_BATCH
-from ccied.peer.daemon import PeerConfig
 from ccied.peer.defaults import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_PENDING,
@@ -40,6 +39,65 @@ from ccied.peer.errors import PeerError
 from ccied.peer.keys import KeyFileError, split_keyed_address
 from ccied.peer.paths import default_socket_path
 from ccied.pruning.defaults import DEFAULT_FIDELITY_FLOOR, DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Everything a daemon needs; only the CLI reads argv and config files."""
+
+    name: str
+    role: Role = Role.EDGE
+    listen: str | None = DEFAULT_LISTEN
+    socket_path: Path | None = None
+    # A registered model name (its built-in variants) or a `ccied prepare` folder.
+    model: str = DEFAULT_MODEL
+    # Pin one variant of the bundle (None: the planner chooses per frame)...
+    variant: str | None = None
+    # ...or let it choose among these only (empty: all of the bundle's).
+    variants: tuple[str, ...] = ()
+    # Baselines only: send every miss to a neighbour even when finishing here is faster.
+    always_offload: bool = False
+    fidelity_floor: float = DEFAULT_FIDELITY_FLOOR
+    cloud: str | None = None
+    peers: tuple[str, ...] = ()
+    remote_timeout_s: float = DEFAULT_REMOTE_TIMEOUT_S
+    max_pending: int = DEFAULT_MAX_PENDING
+    torch_threads: int | None = None
+    cache_enabled: bool = True
+    # Entries persist under cache_dir/<bundle id>/ (None: in memory only).
+    cache_dir: Path | None = None
+    cache_capacity: int = DEFAULT_CAPACITY
+    # Hit-rule fields to override, by key depth ("*": every depth); over the
+    # bundle's calibrated rules, else the defaults.
+    cache_rule_overrides: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Share of cache hits re-checked by the full model off the critical path.
+    audit_rate: float = DEFAULT_AUDIT_RATE
+    share_cache: bool = True
+    discovery: bool = True
+    # mDNS on this interface only (None: the interfaces the listen address implies).
+    interface: str | None = None
+    # Emulated slower device and uplink (benchmarks); 1.0 / None mean real.
+    slowdown: float = 1.0
+    link_bandwidth_mbps: float | None = None
+    link_rtt_ms: float = 0.0
+    # Keys and the allow-list live here (None: ccied.peer.keys.default_state_dir()).
+    state_dir: Path | None = None
+    # Plain ZeroMQ without CURVE: any host that reaches the peer socket is served.
+    insecure: bool = False
+    # Whose shared cache entries to take: "trusted" peers, the "cloud" only, or "none".
+    accept_shared_from: str = "trusted"
+    # Serve Prometheus metrics over HTTP on this port (None: off; 0: a free one).
+    metrics_port: int | None = None
+    metrics_host: str = DEFAULT_METRICS_HOST
+    # Where the model runs: auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N.
+    device: str = DEFAULT_DEVICE
+    # Tails for other peers run in batches of up to max_batch (1: no batching),
+    # waiting up to batch_window_ms to fill (None: 2 ms for a cloud, 0 for an edge).
+    batch_window_ms: float | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
+    # Only tests change these.
+    mdns_service_type: str | None = None
+
 
 # The documented alphabet of peer names (README, `--name`): it becomes a file
 # name (the socket), an mDNS instance name and a log field, so no '/', no

@@ -1,4 +1,7 @@
-"""Model bundles: identity, folders that round-trip, refusal of altered ones; the planner."""
+"""Model bundles: identity, folders that round-trip, refusal of altered ones.
+
+The variant choice among a bundle's variants: tests/test_policy.py.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ from ccied.pruning.bundle import (
     load_bundle,
     write_bundle,
 )
-from ccied.pruning.planner import Link, Need, cache_plan, rank_variants
 from ccied.pruning.transfer import fit_projection_from_activations
 
 
@@ -64,46 +66,6 @@ def test_a_bundle_folder_round_trips_and_refuses_tampering(
         load_bundle(tmp_path)
     with pytest.raises(ModelError, match="not a bundle folder"):
         load_bundle(tmp_path / "nowhere")
-
-
-SMALL = Variant("small", "blocks.14", bits=4, agreement=0.985, bytes_per_frame=5_000)
-EARLY = Variant("early", "blocks.5", bits=8, agreement=0.999, bytes_per_frame=16_000)
-SLOPPY = Variant("sloppy", "blocks.14", bits=2, agreement=0.6, bytes_per_frame=1_500)
-HEAD = {"small": 40.0, "early": 12.0, "sloppy": 40.0}  # ms on a slow edge
-TAIL = {"small": 1.0, "early": 4.0, "sloppy": 1.0}  # ms on the cloud
-SIZE = {v.name: v.bytes_per_frame or 0.0 for v in (SMALL, EARLY, SLOPPY)}
-
-
-def best(bandwidth_mbps: float, need: Need = Need.LATENCY) -> str:
-    ranked = rank_variants(
-        [SMALL, EARLY, SLOPPY], HEAD, TAIL, SIZE, Link(20.0, bandwidth_mbps), need
-    )
-    return ranked[0].variant.name
-
-
-def test_the_planner_follows_the_bandwidth_and_the_need() -> None:
-    # A fast link favours the early split (less edge compute, more bytes)...
-    assert best(100.0) == "early"
-    # ...a slow one the small payload; the sloppy variant is under the floor.
-    assert best(1.0) == "small"
-    assert best(0.1) == "small"
-    # Accuracy first takes the most faithful, whatever the link.
-    assert best(1.0, Need.ACCURACY) == "early"
-
-
-def test_the_cache_key_is_skipped_only_when_it_costs_more_than_hits_save() -> None:
-    # A Pi-class device sending an early split: the key costs 100 ms more head.
-    expected, use = cache_plan(head_ms=150, key_ms=250, miss_ms=60, hit_rate=0.4)
-    assert not use and expected == 210
-    # Same device, frames that repeat: the hits pay for the key.
-    expected, use = cache_plan(head_ms=150, key_ms=250, miss_ms=400, hit_rate=0.9)
-    assert use and expected == pytest.approx(250 + 0.1 * 400)
-    # A split past the cache key: looking up first never costs more.
-    for hit_rate in (0.0, 0.3, 1.0):
-        expected, use = cache_plan(head_ms=300, key_ms=250, miss_ms=60, hit_rate=hit_rate)
-        assert use and expected <= 300 + 60
-    # Nonsense hit rates are clamped, not trusted.
-    assert cache_plan(100, 50, 10, hit_rate=7.0) == (50, True)
 
 
 def test_a_bundle_of_an_older_format_or_with_a_malformed_cache_rule_is_refused(

@@ -137,7 +137,7 @@ def test_ccied_peer_refuses_bad_settings_in_one_line(
 def test_a_socket_folder_others_can_write_or_do_not_own_is_refused(tmp_path: Path) -> None:
     import os
 
-    from ccied.peer.daemon import _prepare_socket_path
+    from ccied.peer.server import prepare_socket_path as _prepare_socket_path
 
     folder = tmp_path / "run"
     folder.mkdir(mode=0o700)
@@ -159,7 +159,7 @@ def test_a_socket_folder_others_can_write_or_do_not_own_is_refused(tmp_path: Pat
 def test_shutdown_removes_only_the_socket_this_peer_made(tmp_path: Path) -> None:
     import socket
 
-    from ccied.peer.daemon import _unlink_own_socket
+    from ccied.peer.server import unlink_own_socket as _unlink_own_socket
 
     path = tmp_path / "p.sock"
     ours = socket.socket(socket.AF_UNIX)

@@ -1,66 +1,10 @@
-"""Routing policy as pure logic: who should finish a frame that missed the cache."""
+"""A neighbour's model time as routing sees it: from heartbeats, then from its replies."""
 
 from __future__ import annotations
 
-import pytest
-from ccied.peer.routing import (
-    DEFAULT_BANDWIDTH_MBPS,
-    PROBE_INTERVAL_S,
-    REPLY_FRESH_S,
-    Candidate,
-    TailEstimates,
-    TargetKind,
-    plan,
-)
+from ccied.peer.routing import PROBE_INTERVAL_S, REPLY_FRESH_S, TailEstimates
 
-LOCAL = Candidate("me", TargetKind.LOCAL, "", tail_ms=40.0, queue_length=0)
-TENSOR_BYTES = 37_632
-
-
-def remote(name: str, **fields: object) -> Candidate:
-    values: dict[str, object] = {
-        "kind": TargetKind.PEER,
-        "address": f"tcp://{name}:1",
-        "tail_ms": 10.0,
-        "queue_length": 0,
-        "rtt_ms": 2.0,
-        "bandwidth_mbps": 100.0,
-    }
-    values.update(fields)
-    return Candidate(name, **values)  # type: ignore[arg-type]
-
-
-def test_the_fastest_target_goes_first_and_the_local_tail_last() -> None:
-    idle = remote("idle")
-    busy = remote("busy", queue_length=5)
-    cloud = remote("cloud", kind=TargetKind.CLOUD, tail_ms=5.0, rtt_ms=20.0)
-    route = plan([LOCAL, busy, cloud, idle], TENSOR_BYTES)
-    assert [c.name for c in route] == ["idle", "cloud", "me"]  # busy: 60 ms > local 40 ms
-
-
-def test_a_slow_link_keeps_the_tail_at_home() -> None:
-    cloud = remote("cloud", kind=TargetKind.CLOUD, tail_ms=5.0, rtt_ms=20.0, bandwidth_mbps=1.0)
-    # 37.6 KB at 1 Mbit/s is 301 ms on the wire alone.
-    assert plan([LOCAL, cloud], TENSOR_BYTES) == [LOCAL]
-    fast = remote("cloud", kind=TargetKind.CLOUD, tail_ms=5.0, rtt_ms=20.0, bandwidth_mbps=100.0)
-    assert plan([LOCAL, fast], TENSOR_BYTES) == [fast, LOCAL]
-
-
-def test_unknown_figures_fall_back_to_defaults() -> None:
-    unknown = remote("new", tail_ms=0.0, bandwidth_mbps=None, rtt_ms=1.0)
-    expected = 1.0 + TENSOR_BYTES * 8 / (DEFAULT_BANDWIDTH_MBPS * 1e3) + 50.0
-    assert unknown.expected_ms(TENSOR_BYTES) == pytest.approx(expected)
-
-
-def test_the_local_queue_counts() -> None:
-    swamped = Candidate("me", TargetKind.LOCAL, "", tail_ms=40.0, queue_length=3)
-    peer = remote("peer", tail_ms=30.0)
-    assert plan([swamped, peer], TENSOR_BYTES)[0] is peer
-
-
-def test_plan_needs_its_local_tail() -> None:
-    with pytest.raises(ValueError, match="exactly one local"):
-        plan([remote("a")], TENSOR_BYTES)
+# How a route is priced and ordered: tests/test_policy.py.
 
 
 def test_a_neighbours_estimate_follows_its_replies_not_its_start_up_figure() -> None:
