@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from ccied.peer.defaults import Need
 from ccied.peer.errors import PeerUnavailableError, ProtocolError, RequestFailedError
 from ccied.peer.paths import default_socket_path, runtime_dir
 from ccied.peer.wire import (
@@ -192,7 +193,7 @@ class Client:
         self,
         pixels: np.ndarray,
         frame_name: str = "",
-        need: str = "latency",
+        need: Need | str = Need.LATENCY,
         request_id: str | None = None,
     ) -> FrameResult:
         """Classify one RGB uint8 frame of shape (height, width, 3).
@@ -208,7 +209,7 @@ class Client:
             request_id=request_id or uuid.uuid4().hex,
             frame_name=frame_name,
             pixels=fit_frame(pixels),
-            need=need,
+            need=_need(need),
         )
         reply = self._exchange(request)
         latency_ms = (time.perf_counter() - start) * 1e3
@@ -264,3 +265,12 @@ class Client:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+
+
+def _need(value: Need | str) -> str:
+    """``value`` as the wire spells it; a ValueError naming the choices otherwise."""
+    try:
+        return str(Need(value))
+    except ValueError:
+        choices = ", ".join(n.value for n in Need)
+        raise ValueError(f"need must be one of {choices}, got {value!r}") from None

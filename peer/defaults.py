@@ -22,5 +22,15 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Role(StrEnum):
+    """What a peer is: an edge runs heads for its own cameras, a cloud tails for others."""
+
     EDGE = "edge"
     CLOUD = "cloud"
+
+
+class Need(StrEnum):
+    """What a frame asks for (``Submit.need`` on the wire, ``--need``, ``Client.submit``):
+    the fastest variant above the fidelity floor, or the most faithful one."""
+
+    LATENCY = "latency"
+    ACCURACY = "accuracy"

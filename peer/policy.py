@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
+from ccied.peer.defaults import Need
 from ccied.peer.routing import Candidate
 from ccied.pruning.bundle import Variant
 from ccied.pruning.defaults import DEFAULT_FIDELITY_FLOOR
@@ -40,13 +40,6 @@ DEFAULT_BANDWIDTH_MBPS = 50.0
 INITIAL_HIT_RATE = 0.5
 HIT_RATE_ALPHA = 0.2
 CACHE_PROBE_EVERY = 8
-
-
-class Need(StrEnum):
-    """What a frame asks for: the fastest faithful answer, or the most faithful one."""
-
-    LATENCY = "latency"
-    ACCURACY = "accuracy"
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,11 @@ def test_cache_plan_skips_the_key_only_when_it_costs_more_than_hits_save() -> No
         expected, use = cache_plan(head_ms=300, key_ms=250, miss_ms=60, hit_rate=hit_rate)
         assert use and expected <= 300 + 60
     assert cache_plan(100, 50, 10, hit_rate=7.0) == (50, True)
+
+
+def test_a_need_is_one_of_two_on_every_side() -> None:
+    from ccied.peer.client import _need
+
+    assert _need("accuracy") == "accuracy" and _need(Need.LATENCY) == "latency"
+    with pytest.raises(ValueError, match="need must be one of latency, accuracy"):
+        _need("fast")
