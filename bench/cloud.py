@@ -19,9 +19,13 @@ Every setting (concurrency x batching) warms up, then measures for a fixed time:
 * whether each answer's label equals the frame's tail run alone (batch 1).
 
 With batching is the cloud's default (``--batch-window-ms 2 --max-batch 32``);
-without is ``--max-batch 1``. Each runs in its own cloud process, one after
-the other, on the same frames. The cloud may hold ``--max-pending`` requests;
-the bench raises it above the largest concurrency so that none is answered busy.
+without is ``--max-batch 1``. The two clouds run side by side (the idle one
+waits on its sockets) with torch's own thread count, as ``ccied peer`` does; each
+round measures every concurrency without and then with batching, so a machine
+that gets busier during the run weighs on both alike, and frames/s is the
+median round's (latencies are pooled over the rounds). A cloud may hold
+``--max-pending`` requests; the bench raises it above the largest concurrency
+so that none is answered busy.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -55,11 +60,13 @@ from ccied.peer.wire import ErrorCode, ErrorReply, InferRequest, InferResult, de
 
 CONCURRENCY = (1, 4, 16, 64)
 DEFAULT_VARIANT = "blocks.11-b6"
-DEFAULT_DURATION_S = 15.0
-DEFAULT_WARMUP_S = 2.0
+DEFAULT_DURATION_S = 5.0
+DEFAULT_WARMUP_S = 1.5
+DEFAULT_ROUNDS = 3
 DEFAULT_FRAMES = 96
 QUICK_DURATION_S = 4.0
 QUICK_WARMUP_S = 1.0
+QUICK_ROUNDS = 1
 QUICK_FRAMES = 32
 # A real edge waits this long for a target (--remote-timeout-s) and says so.
 DEADLINE_MS = 2000.0
@@ -133,12 +140,15 @@ class CloudBenchConfig:
     window_ms: float = DEFAULT_BATCH_WINDOW_MS
     max_batch: int = DEFAULT_MAX_BATCH
     threads: int | None = None  # the cloud's torch threads (None: torch's choice, as a peer)
+    rounds: int = (
+        DEFAULT_ROUNDS  # each setting measured this often, alternating with the other cloud
+    )
     device: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
             raise ValueError("every concurrency must be at least 1")
-        if self.duration_s <= 0 or self.warmup_s < 0 or self.frames < 1:
+        if self.duration_s <= 0 or self.warmup_s < 0 or self.frames < 1 or self.rounds < 1:
             raise ValueError("--duration-s and --frames must be positive, --warmup-s not negative")
         if self.max_batch < 2:
             raise ValueError("--max-batch for the batched runs must be at least 2")
@@ -227,17 +237,29 @@ def _sizes(status: dict[str, Any]) -> Counter[int]:
     return Counter({int(k): int(v) for k, v in status["batching"]["batch_sizes"].items()})
 
 
+@dataclass
+class Round:
+    """What one measuring window of one setting saw."""
+
+    replies: list[Reply]
+    lost: int
+    sizes: Counter[int]
+    duration_s: float
+
+    def answers(self) -> list[Reply]:
+        return [r for r in self.replies if r.ok]
+
+
 async def measure(
     address: str,
     keys: tuple[Keypair, str],
     bundle_id: str,
     payloads: Sequence[Payload],
     concurrency: int,
-    batching: bool,
     config: CloudBenchConfig,
     status: Callable[[], dict[str, Any]],
-) -> Setting:
-    """``concurrency`` edges at full speed against the cloud: one setting's figures."""
+) -> Round:
+    """``concurrency`` edges at full speed against the cloud for one window."""
     context = zmq.asyncio.Context()
     sockets = []
     for _ in range(concurrency):
@@ -272,93 +294,127 @@ async def measure(
             sock.close(linger=0)
         context.term()
     inside = [r for r in replies if window_start <= r.received < window_end]
-    answers = [r for r in inside if r.ok]
-    sizes = _sizes(snapshots[1]) - _sizes(snapshots[0])
+    return Round(inside, len(lost), _sizes(snapshots[1]) - _sizes(snapshots[0]), config.duration_s)
+
+
+def summarize(concurrency: int, batching: bool, rounds: Sequence[Round]) -> Setting:
+    """One setting over its rounds: the median round's frames/s, latencies pooled."""
+    answers = [r for one in rounds for r in one.answers()]
+    replies = [r for one in rounds for r in one.replies]
+    sizes: Counter[int] = sum((one.sizes for one in rounds), Counter())
     batches = sum(sizes.values())
+    served = [r.served_ms for r in answers]
+    client = [(r.received - r.sent) * 1e3 for r in answers]
     return Setting(
         concurrency=concurrency,
         batching=batching,
-        frames_per_s=len(answers) / config.duration_s,
-        p50_ms=percentile([r.served_ms for r in answers], 50),
-        p99_ms=percentile([r.served_ms for r in answers], 99),
+        frames_per_s=statistics.median(len(one.answers()) / one.duration_s for one in rounds),
+        p50_ms=percentile(served, 50),
+        p99_ms=percentile(served, 99),
         mean_batch=sum(k * v for k, v in sizes.items()) / batches if batches else 0.0,
-        client_p50_ms=percentile([(r.received - r.sent) * 1e3 for r in answers], 50),
-        client_p99_ms=percentile([(r.received - r.sent) * 1e3 for r in answers], 99),
+        client_p50_ms=percentile(client, 50),
+        client_p99_ms=percentile(client, 99),
         answers=len(answers),
-        busy=sum(r.busy for r in inside),
-        errors=sum(not r.ok and not r.busy for r in inside),
-        lost=len(lost),
+        busy=sum(r.busy for r in replies),
+        errors=sum(not r.ok and not r.busy for r in replies),
+        lost=sum(one.lost for one in rounds),
         agreement=sum(r.agrees for r in answers) / len(answers) if answers else 0.0,
         batch_sizes={str(k): sizes[k] for k in sorted(sizes)},
     )
 
 
+def _cloud(folder: Path, logs: Path, batching: bool, config: CloudBenchConfig) -> PeerProcess:
+    batch_args = (
+        ["--batch-window-ms", f"{config.window_ms:g}", "--max-batch", str(config.max_batch)]
+        if batching
+        else ["--max-batch", "1"]
+    )
+    name = "batched" if batching else "single"
+    return PeerProcess(
+        name=name,
+        role="cloud",
+        listen=f"tcp://127.0.0.1:{free_tcp_port()}",
+        socket_path=folder / f"{name}.sock",
+        log_path=logs / f"{name}.log",
+        threads=config.threads,
+        extra_args=[
+            "--no-cache",
+            "--device",
+            config.device,
+            # None is answered busy: the largest concurrency fits, twice.
+            "--max-pending",
+            str(max(64, 2 * max(config.concurrency))),
+            *batch_args,
+        ],
+    )
+
+
 def run_cloud_bench(config: CloudBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Both cloud settings, every concurrency; the report as ``--json`` writes it."""
+    """Both clouds, every concurrency; the report as ``--json`` writes it.
+
+    Both clouds run at once (the idle one waits on its sockets) and each round
+    measures every concurrency without, then with batching, so a machine that
+    gets busier during the run (a shared one does) weighs on both alike.
+    """
     began = time.monotonic()
     log(f"computing the heads of {config.frames} frames ({config.variant})...")
     payloads = precompute(config)
-    settings: list[Setting] = []
-    device = ""
+    rounds: dict[tuple[int, bool], list[Round]] = {}
     with tempfile.TemporaryDirectory(prefix="ccied-cloud-", dir="/tmp") as tmp:
         folder = runtime_folder(Path(tmp))
         client_keys = KeyStore(local_keys(folder).state_dir("bench-edges")).load()
-        for batching in (False, True):
-            batch_args = (
-                ["--batch-window-ms", f"{config.window_ms:g}", "--max-batch", str(config.max_batch)]
-                if batching
-                else ["--max-batch", "1"]
-            )
-            cloud = PeerProcess(
-                name="cloud1",
-                role="cloud",
-                listen=f"tcp://127.0.0.1:{free_tcp_port()}",
-                socket_path=folder / "cloud1.sock",
-                log_path=Path(tmp) / f"cloud-{'batched' if batching else 'single'}.log",
-                threads=config.threads,
-                extra_args=[
-                    "--no-cache",
-                    "--device",
-                    config.device,
-                    "--max-pending",
-                    str(max(64, 2 * max(config.concurrency))),
-                    *batch_args,
-                ],
-            )
-            log(f"starting a cloud peer, batching {'on' if batching else 'off'}...")
-            with _explained(cloud), running([cloud]), Client(cloud.socket_path, 10.0) as client:
-                first = client.status()
-                device = first["device"]
-                keys = (client_keys, cloud.keys().load().public)
+        clouds = {b: _cloud(folder, Path(tmp), b, config) for b in (False, True)}
+        log("starting two cloud peers (batching off, on)...")
+        with _explained(list(clouds.values())), running(list(clouds.values())):
+            statuses = {}
+            for batching, cloud in clouds.items():
+                with Client(cloud.socket_path, 10.0) as client:
+                    statuses[batching] = client.status()
+            device = statuses[True]["device"]
+            for index in range(config.rounds):
                 for concurrency in config.concurrency:
-                    setting = asyncio.run(
-                        measure(
-                            cloud.listen,
-                            keys,
-                            first["bundle_id"],
-                            payloads,
-                            concurrency,
-                            batching,
-                            config,
-                            client.status,
+                    for batching, cloud in clouds.items():
+                        keys = (client_keys, cloud.keys().load().public)
+                        with Client(cloud.socket_path, 10.0) as client:
+                            one = asyncio.run(
+                                measure(
+                                    cloud.listen,
+                                    keys,
+                                    statuses[batching]["bundle_id"],
+                                    payloads,
+                                    concurrency,
+                                    config,
+                                    client.status,
+                                )
+                            )
+                        rounds.setdefault((concurrency, batching), []).append(one)
+                        answers = one.answers()
+                        log(
+                            f"  round {index + 1} concurrency {concurrency:>3} batching "
+                            f"{'on ' if batching else 'off'}: "
+                            f"{len(answers) / one.duration_s:7.1f} frames/s, p99 "
+                            f"{percentile([r.served_ms for r in answers], 99):6.1f} ms"
                         )
-                    )
-                    log(
-                        f"  concurrency {concurrency:>3}: {setting.frames_per_s:7.1f} frames/s, "
-                        f"p50 {setting.p50_ms:6.1f} ms, p99 {setting.p99_ms:6.1f} ms, "
-                        f"mean batch {setting.mean_batch:.1f}"
-                    )
-                    settings.append(setting)
+    settings = [
+        summarize(concurrency, batching, rounds[(concurrency, batching)])
+        for batching in (False, True)
+        for concurrency in config.concurrency
+    ]
     return _report(config, device, settings, time.monotonic() - began)
 
 
 @contextlib.contextmanager
-def _explained(cloud: PeerProcess) -> Iterator[None]:
+def _explained(clouds: Sequence[PeerProcess]) -> Iterator[None]:
     """A cloud that dies at start-up: its log's last line in the error (the log goes away)."""
     try:
         yield
     except PeerUnavailableError as exc:
-        lines = cloud.log_path.read_text(errors="replace").splitlines() if cloud.log_path else []
+        lines = [
+            line
+            for cloud in clouds
+            if cloud.log_path is not None and cloud.log_path.exists()
+            for line in cloud.log_path.read_text(errors="replace").splitlines()
+        ]
         raise PeerUnavailableError(f"{exc}: {lines[-1] if lines else 'no log'}") from None
 
 
@@ -396,6 +452,7 @@ def _report(
         "max_batch": config.max_batch,
         "cloud_threads": config.threads or f"torch's choice ({os.cpu_count()} cores)",
         "duration_s": config.duration_s,
+        "rounds": config.rounds,
         "warmup_s": config.warmup_s,
         "frames": config.frames,
         "latency": "p50_ms/p99_ms at the cloud (reply's served_ms: decoded request to answer); "
@@ -410,7 +467,7 @@ def text_report(report: dict[str, Any]) -> str:
     lines = [
         f"cloud on {report['device']}, variant {report['variant']}, torch threads "
         f"{report['cloud_threads']}; batching: window {report['window_ms']:g} ms, max batch "
-        f"{report['max_batch']}; {report['duration_s']:g} s per setting",
+        f"{report['max_batch']}; {report['rounds']} x {report['duration_s']:g} s per setting",
         "",
         "concurrency  batching  frames/s   p50 ms   p99 ms  mean batch  client p99 ms  busy  agree",
     ]
@@ -444,8 +501,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"{QUICK_FRAMES} frames, {QUICK_WARMUP_S:g} s warm-up and {QUICK_DURATION_S:g} s "
-        "per setting (under 2 minutes on 2 cores)",
+        help=f"{QUICK_FRAMES} frames, one round, {QUICK_WARMUP_S:g} s warm-up and "
+        f"{QUICK_DURATION_S:g} s per setting (about a minute on 2 cores)",
     )
     parser.add_argument(
         "--concurrency",
@@ -455,7 +512,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="edges sending at once (default 1 4 16 64)",
     )
     parser.add_argument(
-        "--duration-s", type=float, help=f"measured per setting (default {DEFAULT_DURATION_S:g})"
+        "--duration-s",
+        type=float,
+        help=f"measured per setting and round (default {DEFAULT_DURATION_S:g})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help=f"rounds over every setting, batching off and on in turn; frames/s is the median "
+        f"round's (default {DEFAULT_ROUNDS}, --quick {QUICK_ROUNDS})",
     )
     parser.add_argument(
         "--warmup-s", type=float, help=f"before each measure (default {DEFAULT_WARMUP_S:g})"
@@ -499,6 +564,7 @@ def run(args: argparse.Namespace) -> int:
             if args.warmup_s is not None
             else (QUICK_WARMUP_S if args.quick else DEFAULT_WARMUP_S),
             frames=args.frames or (QUICK_FRAMES if args.quick else DEFAULT_FRAMES),
+            rounds=args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS),
             variant=args.variant,
             window_ms=args.window_ms,
             max_batch=args.max_batch,

@@ -21,6 +21,7 @@ def render(status: Mapping[str, Any]) -> str:
     """The text plain ``ccied status`` prints for this status object (no final newline)."""
     lines = [f"WARNING: {warning}" for warning in status.get("warnings") or []]
     lines += _identity(status)
+    lines += _device(status)
     lines += _security(status.get("security") or {})
     lines += _variants(status.get("variants") or [], status.get("pinned_variant"))
     lines += _requests(status.get("requests") or {})
@@ -104,6 +105,28 @@ def _identity(status: Mapping[str, Any]) -> list[str]:
             f"model {_get(status, 'model')}  cache split {_get(split, 'name')}",
         ),
         _row("listen", f"{status.get('listen') or '-'}  socket {status.get('socket') or '-'}"),
+    ]
+
+
+def _device(status: Mapping[str, Any]) -> list[str]:
+    """Where the model runs, and how neighbours' tensors were batched there."""
+    if "device" not in status:
+        return []
+    device = str(status["device"])
+    name = status.get("device_name")
+    text = device if not name or name == device else f"{device} ({name})"
+    batching = status.get("batching") or {}
+    if not batching.get("enabled"):
+        return [_row("device", f"{text}  batching off")]
+    sizes = batching.get("batch_sizes") or {}
+    return [
+        _row(
+            "device",
+            f"{text}  batching: window {batching.get('window_ms', 0):g} ms, max "
+            f"{_get(batching, 'max_batch')}; {_get(batching, 'batches')} batches, mean "
+            f"{batching.get('mean_batch', 0):.2f}, expired {_get(batching, 'expired')}"
+            + ("; sizes " + ", ".join(f"{k}: {v}" for k, v in sizes.items()) if sizes else ""),
+        )
     ]
 
 
@@ -251,7 +274,7 @@ def _neighbours(neighbours: Sequence[Mapping[str, Any]]) -> list[str]:
         rows.append(
             [
                 str(_get(n, "name")),
-                str(_get(n, "role")),
+                str(_get(n, "role")) + (f" ({n['device']})" if n.get("device") else ""),
                 str(_get(n, "address")),
                 _ms(n.get("rtt_ms")),
                 f"{bandwidth:.0f} Mbit/s" if bandwidth else "?",

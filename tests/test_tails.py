@@ -4,6 +4,7 @@ a bad payload failing alone, and the --device option (peer/worker.py, peer/tails
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +155,23 @@ def test_cuda_without_cuda_is_a_one_line_error(
     err = capsys.readouterr().err.strip()
     assert "sees no CUDA device" in err and len(err.splitlines()) == 1
     assert not list(tmp_path.iterdir())  # refused before any key was made
+
+
+def test_plain_status_shows_the_device_the_batches_and_a_neighbours_device() -> None:
+    from ccied.peer.status_view import render
+
+    fixture = Path(__file__).parent / "data" / "status-edge.json"
+    status = json.loads(fixture.read_text())
+    status["device"], status["device_name"] = "cpu", "cpu"
+    status["batching"] = {
+        **{"enabled": True, "window_ms": 2.0, "max_batch": 32, "batches": 3},
+        **{"mean_batch": 5.0, "expired": 1, "batch_sizes": {"1": 1, "7": 2}},
+    }
+    status["neighbours"][0]["device"] = "cuda:0"
+    text = render(status)
+    [line] = [line for line in text.splitlines() if line.startswith("device")]
+    assert "cpu  batching: window 2 ms, max 32; 3 batches, mean 5.00, expired 1" in line
+    assert "sizes 1: 1, 7: 2" in line
+    assert f"{status['neighbours'][0]['role']} (cuda:0)" in text
+    status["batching"] = {"enabled": False}
+    assert "device   cpu  batching off" in render(status)
