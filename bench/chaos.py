@@ -67,7 +67,7 @@ from typing import Any
 
 import numpy as np
 from ccied.bench.cluster import PeerProcess, free_tcp_port, running, runtime_folder
-from ccied.bench.demo import percentile
+from ccied.bench.workloads import percentile
 from ccied.peer.client import Client
 from ccied.peer.errors import PeerUnavailableError, RequestFailedError
 from ccied.peer.wire import ErrorReply, InferResult, Message

@@ -52,12 +52,16 @@ from typing import Any
 
 import torch
 from ccied.bench.cluster import PeerProcess, free_tcp_port, runtime_folder
-from ccied.bench.demo import percentile
-from ccied.bench.workloads import WORKLOADS, CameraStream, cluster_workloads
+from ccied.bench.workloads import (
+    WORKLOADS,
+    CameraStream,
+    cluster_workloads,
+    percentile,
+    reference_answers,
+)
 from ccied.peer import argtypes
 from ccied.peer.client import Client, FrameResult
 from ccied.peer.errors import PeerError
-from ccied.pruning import load_model, preprocess
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs in the dev extras
 
 log = logging.getLogger(__name__)
@@ -88,21 +92,6 @@ DECISIVE = 0.5
 def reference_labels(streams: Sequence[Any]) -> dict[str, int]:
     """The full float32 model's answer on every frame (the fidelity reference)."""
     return {name: label for name, (label, _) in reference_answers(streams).items()}
-
-
-def reference_answers(streams: Sequence[Any]) -> dict[str, tuple[int, float]]:
-    """The full float32 model's (label, top-1 probability) on every frame of ``streams``
-    (anything with ``frames``: (name, pixels) pairs)."""
-    model = load_model()
-    answers: dict[str, tuple[int, float]] = {}
-    with torch.inference_mode():
-        for stream in streams:
-            for name, pixels in stream.frames:
-                if name not in answers:
-                    logits = model.full()(preprocess(pixels, model.spec))
-                    probabilities = torch.softmax(logits, dim=1)[0]
-                    answers[name] = (int(probabilities.argmax()), float(probabilities.max()))
-    return answers
 
 
 def run_strategy(

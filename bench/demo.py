@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 from ccied.bench.cluster import PeerProcess, free_tcp_port, running, runtime_folder
+from ccied.bench.workloads import percentile as percentile  # bench/cloud.py imports it here
 from ccied.peer.client import Client, FrameResult
 from ccied.peer.errors import PeerError
 
@@ -55,17 +56,6 @@ TTY_REFRESH_S = 0.25
 LOG_REFRESH_S = 5.0
 # Frames per clip when no --limit is given: every sampled frame of each clip.
 ALL_FRAMES = 1_000_000
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation; 0.0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 @dataclass(frozen=True)
@@ -178,9 +168,7 @@ def run_demo(
 
     ``limit``: about this many frames per clip per camera (None: every sampled
     frame). ``json_out``: one JSON object per answer on stdout and nothing else."""
-    # Imported here, not at the top: cluster_bench imports percentile from this module.
-    from ccied.bench.cluster_bench import reference_answers
-    from ccied.bench.workloads import demo_streams
+    from ccied.bench.workloads import demo_streams, reference_answers
 
     def say(text: str) -> None:
         """Progress and results for a reader; nothing beside the objects in --json."""

@@ -18,9 +18,11 @@ import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from ccied.pruning import Frame, MediaError
+import torch
+from ccied.pruning import Frame, MediaError, load_model, preprocess
 from PIL import Image
 
 # Colour photos in scikit-image's wheel (no download): subjects the model knows.
@@ -197,3 +199,29 @@ def cluster_workloads(
         else:
             raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
     return out
+
+
+def reference_answers(streams: Sequence[Any]) -> dict[str, tuple[int, float]]:
+    """The full float32 model's (label, top-1 probability) on every frame of ``streams``
+    (anything with ``frames``: (name, pixels) pairs): what fidelity is measured against."""
+    model = load_model()
+    answers: dict[str, tuple[int, float]] = {}
+    with torch.inference_mode():
+        for stream in streams:
+            for name, pixels in stream.frames:
+                if name not in answers:
+                    logits = model.full()(preprocess(pixels, model.spec))
+                    probabilities = torch.softmax(logits, dim=1)[0]
+                    answers[name] = (int(probabilities.argmax()), float(probabilities.max()))
+    return answers
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation; 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
