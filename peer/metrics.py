@@ -91,104 +91,114 @@ class StatusCollector:
 
     def collect(self) -> Iterator[Metric]:
         status = self._read()
-        requests = _get(status, "requests") or {}
+        yield from _request_metrics(_get(status, "requests") or {})
         cache = _get(status, "cache") or {}
-        cluster = _get(status, "cluster") or {}
-
-        def counter(name: str, doc: str, value: Any) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, value=_number(value))
-
-        by_source = requests.get("by_source") or {}
-        answers = CounterMetricFamily(
-            "ccied_requests", "Frames answered, by where the answer was computed", labels=["source"]
-        )
-        for source in (*SOURCES, *sorted(set(by_source) - set(SOURCES))):
-            answers.add_metric([source], _number(by_source.get(source, 0)))
-        yield answers
-        yield counter(
-            "ccied_request_errors",
-            "Requests answered with an error (bad frame or tensor, internal error)",
-            requests.get("errors"),
-        )
-        yield counter(
-            "ccied_busy", "Requests refused at once: max_pending in progress", requests.get("busy")
-        )
-        yield counter(
-            "ccied_failovers",
-            "Targets that failed a miss, so the next was tried",
-            requests.get("failovers"),
-        )
-        yield counter(
-            "ccied_protocol_errors", "Malformed messages received", requests.get("protocol_errors")
-        )
-        yield counter(
-            "ccied_handshakes_refused",
-            "CURVE handshakes refused: the peer's key is not trusted here",
-            requests.get("refused_handshakes"),
-        )
-        yield counter(
-            "ccied_served_for_peers",
-            "Tails this peer ran for other peers' tensors",
-            requests.get("served_for_peers"),
-        )
-
         if cache.get("enabled"):
-            hits = CounterMetricFamily(
-                "ccied_cache_hits", "Frames the cache answered, by key depth", labels=["depth"]
-            )
-            by_depth = cache.get("hits_by_depth") or {}
-            depths = [d.get("name") for d in cache.get("depths") or [] if isinstance(d, Mapping)]
-            for depth in dict.fromkeys([*depths, *by_depth]):
-                if isinstance(depth, str):
-                    hits.add_metric([depth], _number(by_depth.get(depth, 0)))
-            yield hits
-            misses = CounterMetricFamily(
-                "ccied_cache_misses", "Frames the cache did not answer, by why", labels=["reason"]
-            )
-            for reason, count in sorted((cache.get("miss_reasons") or {}).items()):
-                misses.add_metric([str(reason)], _number(count))
-            yield misses
-            yield counter(
-                "ccied_cache_skipped",
-                "Frames whose deeper cache key the planner judged not worth its head time",
-                cache.get("cache_skipped"),
-            )
-            yield GaugeMetricFamily(
-                "ccied_cache_entries",
-                "Entries in the cache, every key depth together",
-                value=_number(cache.get("entries")),
-            )
-            audit = cache.get("audit") or {}
-            yield counter(
-                "ccied_cache_audit_checked",
-                "Cache hits re-checked by the full model",
-                audit.get("checked"),
-            )
-            yield counter(
-                "ccied_cache_audit_wrong",
-                "Audited cache hits the full model answered differently",
-                audit.get("wrong"),
-            )
+            yield from _cache_metrics(cache)
+        yield from _cluster_metrics(_get(status, "cluster") or {}, _get(status, "neighbours"))
 
-        yield counter(
-            "ccied_bytes_sent",
-            "Bytes of requests sent to other peers (tensors, heartbeats, cache entries)",
-            cluster.get("bytes_sent"),
-        )
-        neighbours = _get(status, "neighbours")
-        yield GaugeMetricFamily(
-            "ccied_neighbours",
-            "Live neighbour peers",
-            value=len(neighbours) if isinstance(neighbours, list) else 0,
-        )
-        shared = CounterMetricFamily(
-            "ccied_shared_entries",
-            "Cache entries shared with neighbours (out) and taken from them (in)",
-            labels=["direction"],
-        )
-        shared.add_metric(["in"], _number(cluster.get("shared_in")))
-        shared.add_metric(["out"], _number(cluster.get("shared_out")))
-        yield shared
+
+def _counter(name: str, doc: str, value: Any) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=_number(value))
+
+
+def _request_metrics(requests: Snapshot) -> Iterator[Metric]:
+    """Frames answered by source, and the requests refused or failed."""
+    by_source = requests.get("by_source") or {}
+    answers = CounterMetricFamily(
+        "ccied_requests", "Frames answered, by where the answer was computed", labels=["source"]
+    )
+    for source in (*SOURCES, *sorted(set(by_source) - set(SOURCES))):
+        answers.add_metric([source], _number(by_source.get(source, 0)))
+    yield answers
+    yield _counter(
+        "ccied_request_errors",
+        "Requests answered with an error (bad frame or tensor, internal error)",
+        requests.get("errors"),
+    )
+    yield _counter(
+        "ccied_busy", "Requests refused at once: max_pending in progress", requests.get("busy")
+    )
+    yield _counter(
+        "ccied_failovers",
+        "Targets that failed a miss, so the next was tried",
+        requests.get("failovers"),
+    )
+    yield _counter(
+        "ccied_protocol_errors", "Malformed messages received", requests.get("protocol_errors")
+    )
+    yield _counter(
+        "ccied_handshakes_refused",
+        "CURVE handshakes refused: the peer's key is not trusted here",
+        requests.get("refused_handshakes"),
+    )
+    yield _counter(
+        "ccied_served_for_peers",
+        "Tails this peer ran for other peers' tensors",
+        requests.get("served_for_peers"),
+    )
+
+
+def _cache_metrics(cache: Snapshot) -> Iterator[Metric]:
+    """Hits by key depth, misses by reason, entries and the audit (a peer with a cache)."""
+    hits = CounterMetricFamily(
+        "ccied_cache_hits", "Frames the cache answered, by key depth", labels=["depth"]
+    )
+    by_depth = cache.get("hits_by_depth") or {}
+    depths = [d.get("name") for d in cache.get("depths") or [] if isinstance(d, Mapping)]
+    for depth in dict.fromkeys([*depths, *by_depth]):
+        if isinstance(depth, str):
+            hits.add_metric([depth], _number(by_depth.get(depth, 0)))
+    yield hits
+    misses = CounterMetricFamily(
+        "ccied_cache_misses", "Frames the cache did not answer, by why", labels=["reason"]
+    )
+    for reason, count in sorted((cache.get("miss_reasons") or {}).items()):
+        misses.add_metric([str(reason)], _number(count))
+    yield misses
+    yield _counter(
+        "ccied_cache_skipped",
+        "Frames whose deeper cache key the planner judged not worth its head time",
+        cache.get("cache_skipped"),
+    )
+    yield GaugeMetricFamily(
+        "ccied_cache_entries",
+        "Entries in the cache, every key depth together",
+        value=_number(cache.get("entries")),
+    )
+    audit = cache.get("audit") or {}
+    yield _counter(
+        "ccied_cache_audit_checked",
+        "Cache hits re-checked by the full model",
+        audit.get("checked"),
+    )
+    yield _counter(
+        "ccied_cache_audit_wrong",
+        "Audited cache hits the full model answered differently",
+        audit.get("wrong"),
+    )
+
+
+def _cluster_metrics(cluster: Snapshot, neighbours: Any) -> Iterator[Metric]:
+    """Bytes sent to other peers, live neighbours, and cache entries shared each way."""
+    yield _counter(
+        "ccied_bytes_sent",
+        "Bytes of requests sent to other peers (tensors, heartbeats, cache entries)",
+        cluster.get("bytes_sent"),
+    )
+    yield GaugeMetricFamily(
+        "ccied_neighbours",
+        "Live neighbour peers",
+        value=len(neighbours) if isinstance(neighbours, list) else 0,
+    )
+    shared = CounterMetricFamily(
+        "ccied_shared_entries",
+        "Cache entries shared with neighbours (out) and taken from them (in)",
+        labels=["direction"],
+    )
+    shared.add_metric(["in"], _number(cluster.get("shared_in")))
+    shared.add_metric(["out"], _number(cluster.get("shared_out")))
+    yield shared
 
 
 def on_loop(
