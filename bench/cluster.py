@@ -23,7 +23,6 @@ import zmq
 from ccied.peer.client import Client
 from ccied.peer.errors import PeerUnavailableError
 from ccied.peer.keys import Keypair, KeyStore, split_keyed_address
-from ccied.peer.wire import Message, decode, encode
 
 DEFAULT_READY_TIMEOUT_S = 120.0
 DEFAULT_STOP_TIMEOUT_S = 10.0
@@ -32,8 +31,12 @@ HEALTHY_SEEN_S = 1.0
 
 
 def dealer(keys: tuple[Keypair, str] | None = None) -> zmq.Socket[bytes]:
-    """A DEALER for raw requests (tests, tools); ``keys`` = (our keypair, the
-    server's public key) makes it a CURVE client, as a peer socket requires."""
+    """A DEALER for raw requests; ``keys`` = (our keypair, the server's public key)
+    makes it a CURVE client, as a peer socket requires.
+
+    Only tests use it (through tests/peers.py); it moves there once
+    tests/test_cloud_batching.py imports it from there too.
+    """
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if keys is not None:
@@ -41,21 +44,6 @@ def dealer(keys: tuple[Keypair, str] | None = None) -> zmq.Socket[bytes]:
         sock.curve_publickey = keys[0].public.encode()
         sock.curve_serverkey = keys[1].encode()
     return sock
-
-
-def raw_request(
-    address: str, message: Message, keys: tuple[Keypair, str] | None, timeout_ms: int = 3000
-) -> Message | None:
-    """One request over a fresh DEALER; None when nothing comes back in time."""
-    sock = dealer(keys)
-    try:
-        sock.connect(address)
-        sock.send_multipart(encode(message))
-        if not sock.poll(timeout_ms):
-            return None
-        return decode(sock.recv_multipart())
-    finally:
-        sock.close(linger=0)
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:

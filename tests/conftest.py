@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
+from ccied.bench.cluster import PeerProcess, running
 from ccied.pruning import StagedModel, find_clip, iter_frames, load_model
+from peers import peer_process
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +50,10 @@ def workdir() -> Iterator[Path]:
     path.chmod(0o700)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lone_peer(workdir: Path) -> Iterator[PeerProcess]:
+    """One started edge peer: no peer socket, no neighbours, no cloud."""
+    with running([peer_process(workdir, "solo", "edge", listen="none")]) as (peer,):
+        yield peer

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from ccied.bench.cluster import PeerProcess, free_tcp_port, raw_request
+from ccied.bench.cluster import PeerProcess
 from ccied.peer.client import Client
-from ccied.peer.keys import KeyStore
 from ccied.peer.wire import StatusReply, StatusRequest, encode
 from ccied.pruning import load_model
 from ccied.pruning.bundle import BUILTIN_VARIANTS, write_bundle
+from peers import peer_keys, peer_process, raw_request
 
 pytestmark = pytest.mark.slow
 
@@ -37,22 +37,12 @@ CCIED = [sys.executable, "-m", "ccied.peer.cli"]
 FLOOD_HANDSHAKES = 300
 
 
-def _peer(workdir: Path, name: str, role: str, *extra: str) -> PeerProcess:
-    return PeerProcess(
-        name=name,
-        role=role,
-        listen=f"tcp://127.0.0.1:{free_tcp_port()}",
-        socket_path=workdir / f"{name}.sock",
-        extra_args=["--no-discovery", *extra],
-        log_path=workdir / f"{name}.log",
-        state_dir=workdir / "state" / name,
-    )
-
-
 @pytest.fixture(scope="module")
 def pair(workdir: Path) -> Iterator[tuple[PeerProcess, PeerProcess]]:
-    cloud = _peer(workdir, "cloud", "cloud")
-    cam = _peer(workdir, "cam", "edge", "--cloud", cloud.listen, "--no-cache", "--slowdown", "4")
+    cloud = peer_process(workdir, "cloud", "cloud")
+    cam = peer_process(
+        workdir, "cam", "edge", "--cloud", cloud.listen, "--no-cache", "--slowdown", "4"
+    )
     for p in (cloud, cam):
         p.keys().generate(p.name)
     cloud.keys().trust(cam.keys().load().public, cam.name)
@@ -172,7 +162,7 @@ def test_a_handshake_flood_costs_a_few_log_lines_and_is_counted(
         deadline = time.monotonic() + 30
         refused = 0
         while time.monotonic() < deadline:
-            reply = raw_request(cloud.listen, StatusRequest(request_id="s"), _keys(cam, cloud))
+            reply = raw_request(cloud.listen, StatusRequest(request_id="s"), peer_keys(cam, cloud))
             assert isinstance(reply, StatusReply)
             refused = reply.status["requests"]["refused_handshakes"]
             if refused >= FLOOD_HANDSHAKES:
@@ -200,8 +190,8 @@ def test_a_cloud_with_another_bundle_is_named_in_the_log_and_in_status(
     bundle = workdir / "other-bundle"
     model = load_model()
     write_bundle(bundle, model, BUILTIN_VARIANTS[:2], BUILTIN_VARIANTS[0].name, {})
-    other = _peer(workdir, "cloud-other", "cloud", "--model", str(bundle), "--insecure")
-    cam = _peer(workdir, "cam-other", "edge", "--cloud", other.listen, "--insecure")
+    other = peer_process(workdir, "cloud-other", "cloud", "--model", str(bundle), "--insecure")
+    cam = peer_process(workdir, "cam-other", "edge", "--cloud", other.listen, "--insecure")
     other.start()
     cam.start()
     try:
@@ -221,8 +211,3 @@ def test_a_cloud_with_another_bundle_is_named_in_the_log_and_in_status(
     finally:
         cam.stop()
         other.stop()
-
-
-def _keys(client: PeerProcess, server: PeerProcess) -> tuple[object, str]:
-    store: KeyStore = client.keys()
-    return store.load(), server.keys().load().public

@@ -20,43 +20,24 @@ import pytest
 import skimage.data
 import torch
 from ccied import Client
-from ccied.bench.cluster import PeerProcess, free_tcp_port, raw_request
+from ccied.bench.cluster import PeerProcess
 from ccied.cache import THUMBNAIL_KEY, thumbnail_feature
 from ccied.cache.keys import THUMBNAIL_SIDE
-from ccied.peer.keys import KeyStore
 from ccied.peer.wire import CacheShare, StatusReply
 from ccied.pruning import StagedModel, preprocess
 from ccied.pruning.media import thumbnail
+from peers import keys_of, peer_keys, peer_process, raw_request
 
 pytestmark = pytest.mark.slow
 
 CCIED = [sys.executable, "-m", "ccied.peer.cli"]
 
 
-def peer(workdir: Path, name: str, *extra: str) -> PeerProcess:
-    return PeerProcess(
-        name=name,
-        role="edge",
-        listen=f"tcp://127.0.0.1:{free_tcp_port()}",
-        socket_path=workdir / f"{name}.sock",
-        extra_args=list(extra),
-        log_path=workdir / f"{name}.log",
-        state_dir=workdir / "state" / name,
-    )
-
-
-def keys_of(p: PeerProcess) -> KeyStore:
-    store = p.keys()
-    if not store.exists():
-        store.generate(p.name)
-    return store
-
-
 @pytest.fixture(scope="module")
 def audited(workdir: Path) -> Iterator[tuple[PeerProcess, PeerProcess]]:
     """An edge peer that audits every hit, and a trusted neighbour (only its keys are used)."""
-    cam = peer(workdir, "auditcam", "--audit-rate", "1")
-    liar = peer(workdir, "liar1")
+    cam = peer_process(workdir, "auditcam", "edge", "--audit-rate", "1")
+    liar = peer_process(workdir, "liar1", "edge")
     keys_of(cam).trust(keys_of(liar).load().public, liar.name)
     cam.start()
     try:
@@ -86,8 +67,7 @@ def share_wrong(cam: PeerProcess, liar: PeerProcess, pixels: np.ndarray, label: 
         features=key[None],
         depth=THUMBNAIL_KEY,
     )
-    keys = (keys_of(liar).load(), keys_of(cam).load().public)
-    return raw_request(cam.listen, share, keys)
+    return raw_request(cam.listen, share, peer_keys(liar, cam))
 
 
 def cache_status(cam: PeerProcess) -> dict[str, Any]:

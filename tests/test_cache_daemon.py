@@ -20,6 +20,7 @@ from ccied import Client
 from ccied.bench.cluster import PeerProcess
 from ccied.peer.client import FrameResult
 from ccied.pruning import find_clip, iter_frames
+from peers import peer_process
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +32,8 @@ def carphone() -> list[np.ndarray]:
 
 
 def edge_peer(workdir: Path) -> PeerProcess:
-    return PeerProcess(
-        name="cachecam",
-        role="edge",
-        listen="none",
-        socket_path=workdir / "cam.sock",
-        extra_args=["--cache-dir", str(workdir / "cache")],
-        log_path=workdir / "cam.log",
+    return peer_process(
+        workdir, "cachecam", "edge", "--cache-dir", str(workdir / "cache"), listen="none"
     )
 
 
@@ -151,14 +147,7 @@ def test_repeated_frames_are_answered_from_a_cache_that_survives_sigkill(
 
 
 def test_no_cache_turns_the_cache_off(workdir: Path, carphone: list[np.ndarray]) -> None:
-    peer = PeerProcess(
-        name="nocache",
-        role="edge",
-        listen="none",
-        socket_path=workdir / "nocache.sock",
-        extra_args=["--no-cache"],
-        log_path=workdir / "nocache.log",
-    )
+    peer = peer_process(workdir, "nocache", "edge", "--no-cache", listen="none")
     peer.start()
     try:
         peer.wait_ready()

@@ -25,6 +25,7 @@ from ccied.bench.cluster import PeerProcess
 from ccied.cache import THUMBNAIL_KEY
 from ccied.cache.store import LOG_NAME, SNAPSHOT_NAME
 from ccied.pruning import find_clip, iter_frames
+from peers import peer_process
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +37,7 @@ def frames() -> list[np.ndarray]:
 
 
 def peer_on(workdir: Path, cache_dir: Path, name: str) -> PeerProcess:
-    return PeerProcess(
-        name=name,
-        role="edge",
-        listen="none",
-        socket_path=workdir / f"{name}.sock",
-        extra_args=["--cache-dir", str(cache_dir)],
-        log_path=workdir / f"{name}.log",
-    )
+    return peer_process(workdir, name, "edge", "--cache-dir", str(cache_dir), listen="none")
 
 
 @contextlib.contextmanager

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,19 +58,6 @@ def test_submit_without_a_peer_says_so(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "no peer at" in done.stderr and "ccied peer" in done.stderr
-
-
-@pytest.fixture(scope="module")
-def lone_peer() -> Iterator[PeerProcess]:
-    folder = Path(tempfile.mkdtemp(prefix="ccied-", dir="/tmp"))
-    peer = PeerProcess("solo", "edge", "none", folder / "solo.sock", log_path=folder / "solo.log")
-    peer.start()
-    try:
-        peer.wait_ready()
-        yield peer
-    finally:
-        peer.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -13,24 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 from ccied.bench.cluster import PeerProcess, free_tcp_port, running
 from ccied.peer.client import Client
 from ccied.peer.wire import ErrorReply, InferResult, Submit, decode, encode
+from peers import dealer, local_address, peer_process
 
 pytestmark = pytest.mark.slow
-
-
-def mdns_peer(workdir: Path, name: str, role: str, service: str, *extra: str) -> PeerProcess:
-    return PeerProcess(
-        name=name,
-        role=role,
-        listen=f"tcp://127.0.0.1:{free_tcp_port()}",
-        socket_path=workdir / f"{name}.sock",
-        extra_args=list(extra),
-        log_path=workdir / f"{name}.log",
-        mdns_service_type=service,
-    )
 
 
 def names(neighbours: list[dict[str, object]]) -> set[object]:
@@ -40,9 +28,9 @@ def names(neighbours: list[dict[str, object]]) -> set[object]:
 def test_three_peers_find_each_other_and_a_killed_one_leaves_within_3_s(workdir: Path) -> None:
     service = f"_cct{uuid.uuid4().hex[:8]}._tcp.local."
     peers = [
-        mdns_peer(workdir, "cloud7", "cloud", service),
-        mdns_peer(workdir, "cam7", "edge", service),
-        mdns_peer(workdir, "cam8", "edge", service),
+        peer_process(workdir, "cloud7", "cloud", shared_keys=True, mdns_service_type=service),
+        peer_process(workdir, "cam7", "edge", shared_keys=True, mdns_service_type=service),
+        peer_process(workdir, "cam8", "edge", shared_keys=True, mdns_service_type=service),
     ]
     try:
         for peer in peers:
@@ -83,9 +71,8 @@ def test_a_stream_survives_the_cloud_dying_midway_every_frame_answered_once(
     )
     # running() starts both, waits until ready and connected, and stops both.
     with running([cloud, edge]):
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"ipc://{edge.socket_path}")
+        sock = dealer()
+        sock.connect(local_address(edge))
         frames = [bikes_frames[i % len(bikes_frames)] for i in range(16)]
         replies: Counter[str] = Counter()
         sources: list[str] = []
@@ -118,9 +105,9 @@ def test_an_entry_learned_at_one_peer_answers_at_another_and_a_late_peer_starts_
     workdir: Path, bikes_frames: list[np.ndarray]
 ) -> None:
     service = f"_cct{uuid.uuid4().hex[:8]}._tcp.local."
-    a = mdns_peer(workdir, "camA", "edge", service)
-    b = mdns_peer(workdir, "camB", "edge", service)
-    late = mdns_peer(workdir, "camC", "edge", service)
+    a = peer_process(workdir, "camA", "edge", shared_keys=True, mdns_service_type=service)
+    b = peer_process(workdir, "camB", "edge", shared_keys=True, mdns_service_type=service)
+    late = peer_process(workdir, "camC", "edge", shared_keys=True, mdns_service_type=service)
     try:
         for peer in (a, b):
             peer.start()

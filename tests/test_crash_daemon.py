@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from ccied.bench.cluster import PeerProcess, dealer, free_tcp_port
+from ccied.bench.cluster import PeerProcess, free_tcp_port
 from ccied.cache import feature_dim
 from ccied.peer.client import Client
 from ccied.peer.keys import Keypair
 from ccied.peer.wire import CacheShare, encode
+from peers import dealer, peer_keys, peer_process
 
 pytestmark = pytest.mark.slow
 
@@ -82,25 +83,16 @@ def test_sigkill_during_cache_inserts_loses_no_acknowledged_entry(workdir: Path)
     cache_dir = workdir / "cache"
     address = f"tcp://127.0.0.1:{free_tcp_port()}"
 
+    # Room for every entry of a long run: eviction is not loss.
+    cache_args = ["--cache-dir", str(cache_dir), "--no-share-cache", "--cache-capacity", "200000"]
+
     def make() -> PeerProcess:
-        return PeerProcess(
-            name="crash1",
-            role="edge",
-            listen=address,
-            socket_path=workdir / "crash1.sock",
-            # Room for every entry of a long run: eviction is not loss.
-            extra_args=[
-                "--cache-dir",
-                str(cache_dir),
-                "--no-share-cache",
-                "--cache-capacity",
-                "200000",
-            ],
-            log_path=workdir / "crash1.log",
+        return peer_process(
+            workdir, "crash1", "edge", *cache_args, listen=address, shared_keys=True
         )
 
     # A neighbour the peer trusts (same key folder); never started, only its keys.
-    neighbour = PeerProcess("feeder", "edge", "none", workdir / "feeder.sock")
+    neighbour = peer_process(workdir, "feeder", "edge", listen="none", shared_keys=True)
     acknowledged = 0
     kills = 0
     for iteration in range(ITERATIONS):
@@ -115,7 +107,7 @@ def test_sigkill_during_cache_inserts_loses_no_acknowledged_entry(workdir: Path)
             acknowledged = held
             bundle = status_start["bundle_id"]
             dim = feature_dim(status_start["cache_split"]["shape"][0])
-            keys = (neighbour.keys().load(), peer.keys().load().public)
+            keys = peer_keys(neighbour, peer)
             stop = threading.Event()
             thread = threading.Thread(
                 target=feeder, args=(address, keys, bundle, dim, stop, iteration), daemon=True

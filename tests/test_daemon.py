@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zmq
-from ccied.bench.cluster import PeerProcess, dealer, free_tcp_port
+from ccied.bench.cluster import PeerProcess, free_tcp_port
 from ccied.peer.client import Client
 from ccied.peer.errors import RequestFailedError
-from ccied.peer.keys import Keypair
 from ccied.peer.wire import (
     ErrorCode,
     ErrorReply,
@@ -31,38 +29,20 @@ from ccied.peer.wire import (
     encode,
 )
 from ccied.pruning import StagedModel, preprocess
+from peers import dealer, exchange, local_address, peer_keys, peer_process
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def cluster(workdir: Path) -> Iterator[tuple[PeerProcess, PeerProcess]]:
-    cloud_address = f"tcp://127.0.0.1:{free_tcp_port()}"
-    cloud = PeerProcess(
-        name="cloud1",
-        role="cloud",
-        listen=cloud_address,
-        socket_path=workdir / "cloud1.sock",
-        log_path=workdir / "cloud1.log",
-    )
-    edge = PeerProcess(
-        name="cam1",
-        role="edge",
-        listen=f"tcp://127.0.0.1:{free_tcp_port()}",
-        socket_path=workdir / "cam1.sock",
-        # Routing tests: without the cache every frame crosses the network, and
-        # an edge emulated 4x slower than the cloud (a phone) offloads its tail.
-        # The raw float32 variant: answers equal the full model's, bit for bit.
-        extra_args=[
-            "--cloud",
-            cloud_address,
-            "--no-cache",
-            "--slowdown",
-            "4",
-            "--variant",
-            "blocks.11-raw",
-        ],
-        log_path=workdir / "cam1.log",
+    cloud = peer_process(workdir, "cloud1", "cloud", shared_keys=True)
+    # Routing tests: without the cache every frame crosses the network, and
+    # an edge emulated 4x slower than the cloud (a phone) offloads its tail.
+    # The raw float32 variant: answers equal the full model's, bit for bit.
+    routing = ["--no-cache", "--slowdown", "4", "--variant", "blocks.11-raw"]
+    edge = peer_process(
+        workdir, "cam1", "edge", "--cloud", cloud.listen, *routing, shared_keys=True
     )
     try:
         cloud.start()
@@ -78,32 +58,6 @@ def cluster(workdir: Path) -> Iterator[tuple[PeerProcess, PeerProcess]]:
 def full_model_label(model: StagedModel, pixels: np.ndarray) -> int:
     with torch.inference_mode():
         return int(model.full()(preprocess(pixels, model.spec)).argmax())
-
-
-def exchange(
-    address: str,
-    frames: list[bytes],
-    timeout_ms: int = 10_000,
-    keys: tuple[Keypair, str] | None = None,
-) -> Message:
-    """One raw request over a fresh DEALER; returns the decoded reply.
-
-    ``keys`` (our keypair, the server's public key) makes it a CURVE client,
-    as a peer socket requires.
-    """
-    sock = dealer(keys)
-    try:
-        sock.connect(address)
-        sock.send_multipart(frames)
-        assert sock.poll(timeout_ms), f"no reply from {address}"
-        return decode(sock.recv_multipart())
-    finally:
-        sock.close(linger=0)
-
-
-def peer_keys(client: PeerProcess, server: PeerProcess) -> tuple[Keypair, str]:
-    """Speak to ``server``'s peer socket as ``client`` (a peer it trusts) would."""
-    return client.keys().load(), server.keys().load().public
 
 
 def test_a_real_frame_goes_edge_to_cloud_and_back_with_the_full_model_label(
@@ -137,7 +91,7 @@ def test_garbage_on_both_sockets_does_not_stop_either_peer(
 ) -> None:
     cloud, edge = cluster
     rng = np.random.default_rng(7)
-    targets = [(cloud.listen, peer_keys(edge, cloud)), (f"ipc://{edge.socket_path}", None)]
+    targets = [(cloud.listen, peer_keys(edge, cloud)), (local_address(edge), None)]
     for target, keys in targets:
         for size in (0, 1, 17, 4096):
             reply = exchange(target, [rng.bytes(size)], keys=keys)
@@ -198,7 +152,7 @@ def test_the_cloud_refuses_another_bundle_and_tensors_of_the_wrong_shape(
         assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.BAD_TENSOR, reply
     assert isinstance(infer(bundle, good), InferResult)
     # Tensors are for the peer socket, frames for the local socket only.
-    reply = exchange(f"ipc://{edge.socket_path}", encode(
+    reply = exchange(local_address(edge), encode(
         InferRequest(request_id="r", bundle_id=bundle, origin="x", variant="blocks.11-raw",
                      encoding="raw", deadline_ms=1, tensor=good)
     ))  # fmt: skip
@@ -225,10 +179,8 @@ def test_a_full_queue_answers_busy_at_once(workdir: Path, cat_pixels: np.ndarray
     edge.start()
     try:
         edge.wait_ready()
-        context = zmq.Context.instance()
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"ipc://{edge.socket_path}")
+        sock = dealer()
+        sock.connect(local_address(edge))
         for i in range(8):
             sock.send_multipart(
                 encode(Submit(request_id=f"q{i}", frame_name="f", pixels=cat_pixels))

@@ -30,7 +30,6 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-import zmq
 from ccied.bench.cluster import PeerProcess, running
 from ccied.peer.client import Client
 from ccied.peer.errors import ProtocolError
@@ -56,6 +55,7 @@ from ccied.peer.wire import (
 )
 from ccied.pruning import MediaError, StagedModel, preprocess
 from ccied.pruning.media import check_frame
+from peers import dealer, local_address, peer_process
 
 pytestmark = pytest.mark.slow
 
@@ -300,13 +300,8 @@ def flood(seed: int, count: int) -> list[tuple[str, Frames, tuple[str, ErrorCode
 
 @pytest.fixture(scope="module")
 def peer(workdir: Path) -> Iterator[PeerProcess]:
-    process = PeerProcess(
-        name="flood1",
-        role="edge",
-        listen="none",  # no TCP socket: the local one is under test
-        socket_path=workdir / "flood1.sock",
-        log_path=workdir / "flood1.log",
-    )
+    # No TCP socket: the local one is under test.
+    process = peer_process(workdir, "flood1", "edge", listen="none")
     with running([process]):
         yield process
 
@@ -326,10 +321,8 @@ def test_the_flood_covers_every_kind_and_mostly_carries_request_ids() -> None:
 
 def exchange_all(peer: PeerProcess, messages: list[Frames], window: int) -> list[Message]:
     """Send every message over one DEALER, at most ``window`` unanswered; the replies."""
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"ipc://{peer.socket_path}")
+    sock = dealer()
+    sock.connect(local_address(peer))
     replies: list[Message] = []
     try:
         sent = 0

@@ -17,14 +17,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zmq
 from ccied import Client
-from ccied.bench.cluster import PeerProcess, dealer, free_tcp_port
+from ccied.bench.cluster import PeerProcess, free_tcp_port
 from ccied.peer.cli import build_parser
 from ccied.peer.config import peer_config
 from ccied.peer.errors import PeerError
-from ccied.peer.keys import Keypair
 from ccied.peer.metrics import SOURCES, PeerMetrics, StatusCollector, on_loop
+from peers import dealer, peer_process, random_keypair
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -176,17 +175,10 @@ def test_metrics_options_reach_the_config(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def metrics_peer() -> Iterator[tuple[PeerProcess, str]]:
-    folder = Path(tempfile.mkdtemp(prefix="ccied-", dir="/tmp"))
-    folder.chmod(0o700)
+def metrics_peer(workdir: Path) -> Iterator[tuple[PeerProcess, str]]:
     port = free_tcp_port()
-    peer = PeerProcess(
-        "metered",
-        "edge",
-        "tcp://127.0.0.1:*",
-        folder / "metered.sock",
-        extra_args=["--metrics-port", str(port)],
-        log_path=folder / "metered.log",
+    peer = peer_process(
+        workdir, "metered", "edge", "--metrics-port", str(port), listen="tcp://127.0.0.1:*"
     )
     peer.start()
     try:
@@ -194,7 +186,6 @@ def metrics_peer() -> Iterator[tuple[PeerProcess, str]]:
         yield peer, f"http://127.0.0.1:{port}/metrics"
     finally:
         peer.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -232,10 +223,8 @@ def test_a_real_peer_counts_refused_handshakes(metrics_peer: tuple[PeerProcess, 
     peer, url = metrics_peer
     with Client(peer.socket_path) as client:
         status = client.status()
-    public, secret = zmq.curve_keypair()
-    stranger = Keypair(public.decode(), secret.decode())
     before = value(scrape(url), "ccied_handshakes_refused_total")
-    sock = dealer((stranger, status["security"]["public_key"]))
+    sock = dealer((random_keypair(), status["security"]["public_key"]))
     try:
         sock.connect(status["listen"])  # the handshake alone asks ZAP
         deadline = time.monotonic() + 10

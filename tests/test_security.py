@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from ccied.bench.cluster import PeerProcess, free_tcp_port, raw_request
+from ccied.bench.cluster import PeerProcess
 from ccied.cache import feature_dim
 from ccied.discovery import Advertisement, MdnsConfig, MdnsDiscovery, NeighbourTable
 from ccied.peer.cli import main as cli_main
@@ -25,7 +25,6 @@ from ccied.peer.client import Client
 from ccied.peer.errors import PeerUnavailableError
 from ccied.peer.keys import (
     KeyFileError,
-    Keypair,
     KeyStore,
     check_curve_support,
     check_key,
@@ -40,6 +39,14 @@ from ccied.peer.wire import (
     Message,
     StatusReply,
     StatusRequest,
+)
+from peers import (
+    keys_of,
+    peer_keys,
+    peer_process,
+    random_keypair,
+    raw_request,
+    trust_each_other,
 )
 
 pytestmark = pytest.mark.slow
@@ -68,7 +75,7 @@ def test_a_secret_readable_by_others_or_a_mismatched_pair_is_refused(tmp_path: P
     with pytest.raises(KeyFileError, match="readable by other users"):
         store.load()
     os.chmod(store.secret_file, 0o600)
-    other = Keypair(*(k.decode() for k in zmq.curve_keypair()))
+    other = random_keypair()
     text = store.secret_file.read_text()
     store.secret_file.write_text(text.replace(store.load().secret, other.secret))
     with pytest.raises(KeyFileError, match="does not match"):
@@ -129,41 +136,9 @@ def test_the_keys_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 # -- real peers --------------------------------------------------------------------
 
 
-def peer(workdir: Path, name: str, role: str = "edge", *extra: str, **kw: object) -> PeerProcess:
-    return PeerProcess(
-        name=name,
-        role=role,
-        listen=f"tcp://127.0.0.1:{free_tcp_port()}",
-        socket_path=workdir / f"{name}.sock",
-        extra_args=list(extra),
-        log_path=workdir / f"{name}.log",
-        state_dir=kw.pop("state_dir", workdir / "state" / name),  # type: ignore[arg-type]
-        **kw,  # type: ignore[arg-type]
-    )
-
-
-def keys_of(p: PeerProcess) -> KeyStore:
-    store = p.keys()
-    if not store.exists():
-        store.generate(p.name)
-    return store
-
-
-def trust_each_other(*peers: PeerProcess) -> None:
-    for a in peers:
-        for b in peers:
-            if a is not b:
-                keys_of(a).trust(keys_of(b).load().public, b.name)
-
-
-def random_keypair() -> Keypair:
-    public, secret = zmq.curve_keypair()
-    return Keypair(public.decode(), secret.decode())
-
-
 def test_a_peer_socket_answers_only_clients_that_prove_a_trusted_key(workdir: Path) -> None:
-    cloud = peer(workdir, "cloud1", "cloud")
-    cam = peer(workdir, "cam1", "edge")  # never started: a trusted client's keys
+    cloud = peer_process(workdir, "cloud1", "cloud")
+    cam = peer_process(workdir, "cam1", "edge")  # never started: a trusted client's keys
     trust_each_other(cloud, cam)
     cloud.start()
     try:
@@ -213,8 +188,8 @@ def test_a_malformed_trusted_key_file_is_skipped_and_the_peer_keeps_authenticati
     # That used to escape the ZAP handler and end it: nobody was answered again.
     bad_key = "#" * 40
     assert cli_main(["keys", "--state-dir", str(workdir / "k"), "trust", bad_key]) == 2
-    cloud = peer(workdir, "cloud7", "cloud")
-    cam = peer(workdir, "cam7", "edge")  # never started: a trusted client's keys
+    cloud = peer_process(workdir, "cloud7", "cloud")
+    cam = peer_process(workdir, "cam7", "edge")  # never started: a trusted client's keys
     trust_each_other(cloud, cam)
     cloud.start()
     try:
@@ -240,8 +215,8 @@ def test_a_malformed_trusted_key_file_is_skipped_and_the_peer_keeps_authenticati
 def test_untrusted_peers_get_nothing_until_trusted_then_connect_without_restart(
     workdir: Path, cat_pixels: np.ndarray
 ) -> None:
-    cloud = peer(workdir, "cloud2", "cloud")
-    cam = peer(workdir, "cam2", "edge", "--cloud", "CLOUD", "--slowdown", "4", "--no-cache")
+    cloud = peer_process(workdir, "cloud2", "cloud")
+    cam = peer_process(workdir, "cam2", "edge", "--cloud", "CLOUD", "--slowdown", "4", "--no-cache")
     cam.extra_args = ["--cloud", cloud.listen, *cam.extra_args[2:]]
     keys_of(cloud), keys_of(cam)
     cloud.start()
@@ -272,10 +247,10 @@ def test_untrusted_peers_get_nothing_until_trusted_then_connect_without_restart(
 def test_a_pinned_key_must_match_and_insecure_peers_do_not_mix_with_secure_ones(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cloud = peer(workdir, "cloud3", "cloud")
-    good = peer(workdir, "cam3", "edge")
-    wrong = peer(workdir, "cam4", "edge")
-    plain = peer(workdir, "cam5", "edge", insecure=True)
+    cloud = peer_process(workdir, "cloud3", "cloud")
+    good = peer_process(workdir, "cam3", "edge")
+    wrong = peer_process(workdir, "cam4", "edge")
+    plain = peer_process(workdir, "cam5", "edge", insecure=True)
     trust_each_other(cloud, good, wrong)
     cloud_key = keys_of(cloud).load().public
     good.extra_args = ["--cloud", f"{cloud_key}@{cloud.listen}"]
@@ -337,8 +312,8 @@ class _Forger:
 
 def test_a_forged_announcement_of_a_trusted_key_gets_nothing(workdir: Path) -> None:
     service = f"_cct{uuid.uuid4().hex[:8]}._tcp.local."
-    cloud = peer(workdir, "cloud6", "cloud", mdns_service_type=service)
-    cam = peer(workdir, "cam6", "edge", mdns_service_type=service)
+    cloud = peer_process(workdir, "cloud6", "cloud", mdns_service_type=service)
+    cam = peer_process(workdir, "cam6", "edge", mdns_service_type=service)
     trust_each_other(cloud, cam)
     # The impostor: a CURVE server with a key of its own, counting what reaches it.
     context = zmq.Context.instance()
@@ -394,14 +369,13 @@ def shared_entry(bundle_id: str, dim: int) -> CacheShare:
 def share_from(
     sender: PeerProcess, receiver: PeerProcess, bundle_id: str, dim: int
 ) -> Message | None:
-    keys = (keys_of(sender).load(), keys_of(receiver).load().public)
-    return raw_request(receiver.listen, shared_entry(bundle_id, dim), keys)
+    return raw_request(receiver.listen, shared_entry(bundle_id, dim), peer_keys(sender, receiver))
 
 
 def test_a_peer_can_take_shared_cache_entries_from_its_cloud_only(workdir: Path) -> None:
-    cloud = peer(workdir, "cloud8", "cloud")
-    cam = peer(workdir, "cam8", "edge", "--accept-shared-from", "cloud")
-    other = peer(workdir, "cam9", "edge")
+    cloud = peer_process(workdir, "cloud8", "cloud")
+    cam = peer_process(workdir, "cam8", "edge", "--accept-shared-from", "cloud")
+    other = peer_process(workdir, "cam9", "edge")
     trust_each_other(cloud, cam, other)
     cam.extra_args = ["--cloud", cloud.listen, *cam.extra_args]
     try:
@@ -433,7 +407,7 @@ def test_a_secure_peer_needs_a_usable_state_folder(workdir: Path) -> None:
     state.mkdir(parents=True)
     (state / "identity.key_secret").write_text("not a certificate")
     os.chmod(state / "identity.key_secret", 0o600)
-    bad = peer(workdir, "bad1", "edge", state_dir=state)
+    bad = peer_process(workdir, "bad1", "edge", state_dir=state)
     bad.start()
     with pytest.raises(PeerUnavailableError, match="exited"):
         bad.wait_ready(timeout_s=60)

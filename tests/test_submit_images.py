@@ -8,13 +8,10 @@ at all are each one file's business, never the run's.
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -135,19 +132,6 @@ def _bomb_png(side: int) -> bytes:
 
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
-
-
-@pytest.fixture(scope="module")
-def lone_peer() -> Iterator[PeerProcess]:
-    folder = Path(tempfile.mkdtemp(prefix="ccied-", dir="/tmp"))
-    peer = PeerProcess("solo", "edge", "none", folder / "solo.sock", log_path=folder / "solo.log")
-    peer.start()
-    try:
-        peer.wait_ready()
-        yield peer
-    finally:
-        peer.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.slow
