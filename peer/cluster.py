@@ -12,7 +12,8 @@
   bundle into :class:`ccied.peer.routing.Candidate` values; the daemon plans.
 * **Shared cache.** Entries this peer learns are batched and sent to live
   neighbours at a bounded rate; a neighbour that comes up is asked for the
-  hot entries of this one's neighbours (CacheSync), so a late peer starts warm.
+  hot entries of this one's neighbours (CacheSync), so a late peer starts warm
+  (:mod:`ccied.peer.cluster_sharing`).
 """
 
 from __future__ import annotations
@@ -25,34 +26,38 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
-import numpy as np
 import zmq.asyncio
 from ccied.discovery import Announcement, DiscoveryError, NeighbourTable
 from ccied.discovery.logutil import WarnOnce
+from ccied.peer.cluster_sharing import (
+    DEFAULT_SHARE_INTERVAL_S,
+    DEFAULT_SHARE_RATE_PER_S,
+    ClusterSharing,
+    EntrySink,
+    SharedEntry,
+    share_message,
+)
 from ccied.peer.keys import Keypair, KeyStore
 from ccied.peer.routing import Candidate, TailEstimates, TargetKind
 from ccied.peer.transport import EmulatedLink, Exchange, RemoteTarget
-from ccied.peer.wire import (
-    MAX_SHARED_ENTRIES,
-    WIRE_VERSION,
-    CacheShare,
-    CacheSync,
-    Message,
-    Ping,
-    Pong,
-    WireCodec,
-)
+from ccied.peer.wire import WIRE_VERSION, Message, Ping, Pong, WireCodec
+
+# Re-exported: the shared-entry types lived here first (ccied.peer.sharing, tests).
+__all__ = [
+    "Cluster",
+    "ClusterConfig",
+    "EntrySink",
+    "LocalLoad",
+    "SharedEntry",
+    "share_message",
+]
 
 log = logging.getLogger(__name__)
 warn_once = WarnOnce(log)
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
 DEFAULT_HEARTBEAT_TIMEOUT_S = 1.0
-DEFAULT_SHARE_INTERVAL_S = 0.2
-DEFAULT_SHARE_RATE_PER_S = 500.0  # entries a second to all neighbours, at most
-SHARE_OUTBOX_ENTRIES = 4096
 MIN_TRANSFER_SAMPLE_S = 0.005
 HANDSHAKE_RETRY_S = 2.0
 
@@ -84,23 +89,6 @@ class LocalLoad:
     full_ms: float  # whole-model compute time on this peer (EWMA)
 
 
-@dataclass(frozen=True)
-class SharedEntry:
-    feature: np.ndarray
-    label: int
-    confidence: float
-    origin: str
-    depth: str = ""  # the key depth of ``feature``
-
-
-class EntrySink(Protocol):
-    """Where cache entries that neighbours share with us go (ccied.peer.sharing.Sharing)."""
-
-    def accept(self, share: CacheShare, sender: str, sender_key: str) -> int:
-        """Take the sane entries of ``share``; returns how many were taken."""
-        ...
-
-
 class Cluster:
     """Neighbour links, heartbeats and cache sharing for one peer (event loop only)."""
 
@@ -128,7 +116,6 @@ class Cluster:
         self._context = context
         self._codec = codec
         self._local_load = local_load
-        self._sink = sink  # where shared entries that neighbours send us go (None: no cache)
         # One link per (address, server key): while a static address's key is
         # unknown, each trusted key is tried and the one that answers stays.
         self.links: dict[tuple[str, str | None], RemoteTarget] = {}
@@ -139,10 +126,7 @@ class Cluster:
         self.estimates = TailEstimates()
         self._pinging: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._outbox: collections.deque[SharedEntry] = collections.deque(
-            maxlen=SHARE_OUTBOX_ENTRIES
-        )
-        self.shared_out = 0  # entries delivered to neighbours (the sink counts those taken)
+        self.sharing = ClusterSharing(config, table, self.send, self.key_of, sink)
         self.sent_to: collections.Counter[str] = collections.Counter()
         self._closed = False
 
@@ -153,7 +137,7 @@ class Cluster:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._heartbeats())
             if self.config.share_cache:
-                group.create_task(self._share_loop())
+                group.create_task(self.sharing.run())
 
     def close(self) -> None:
         self._closed = True
@@ -310,69 +294,87 @@ class Cluster:
             keys = self._keys_to_try(address)
             if not keys:
                 return
-            probe = len(keys) > 1
             was_alive = {n.name for n in self.table.alive()}
-            message = self._ping_message()
-            exchanges = await asyncio.gather(
-                *(
-                    self._target(address, key, probe=probe).request(
-                        message, self.config.heartbeat_timeout_s
-                    )
-                    for key in keys
-                )
-            )
-            answered = [
-                (key, e)
-                for key, e in zip(keys, exchanges, strict=True)
-                if isinstance(e.reply, Pong)
-            ]
-            if not answered:
+            answer = await self._first_pong(address, keys)
+            if answer is None:
                 name = self._names.get(address)
                 if name is not None:
                     self.table.record_failure(name)
                 return
-            key, exchange = answered[0]
-            pong = exchange.reply
-            assert isinstance(pong, Pong)
-            if key is not None:
-                if self._verified.get(address) != key:
-                    log.info("%s proved key %s", address, key)
-                self._verified[address] = key
-                self._target(address, key).quiet = False
-                self._drop(address, keep=key)  # the other keys tried there are wrong
-            self._names[address] = pong.name
-            self.estimates.reported(pong.name, pong.full_ms, time.monotonic())
-            known = self.table.get(pong.name)
-            if (
-                known is None
-                or known.address != address
-                or known.bundle_id != pong.bundle_id
-                or known.public_key != (key or "")
-            ):
-                self._suggest(pong.name, pong.role, address, pong.bundle_id, key or "")
-            alive = self.table.record_heartbeat(
-                pong.name, exchange.elapsed_ms, pong.load, pong.queue_length
-            )
-            if pong.bundle_id != self.config.bundle_id:
-                # A peer that runs another model or bundle can take none of our
-                # tensors; without this line an edge whose --cloud ran another
-                # bundle answered every frame itself, silently.
-                warn_once(
-                    f"other-bundle:{address}:{pong.bundle_id}",
-                    "%s (%s) at %s runs bundle %s, not ours (%s): it gets none of this "
-                    "peer's frames; start both with the same --model",
-                    pong.name,
-                    pong.role,
-                    address,
-                    pong.bundle_id,
-                    self.config.bundle_id,
-                )
-            if alive and pong.name not in was_alive:
-                log.info("neighbour %s (%s) alive at %s", pong.name, pong.role, address)
-                if self.config.share_cache and pong.bundle_id == self.config.bundle_id:
-                    self._spawn(self._sync_from(pong.name, address))
+            key, exchange = answer
+            self._heard(address, key, exchange, was_alive)
         finally:
             self._pinging.discard(address)
+
+    async def _first_pong(
+        self, address: str, keys: list[str | None]
+    ) -> tuple[str | None, Exchange] | None:
+        """Ping ``address`` with each server key at once; the first key a Pong came back on."""
+        probe = len(keys) > 1
+        message = self._ping_message()
+        exchanges = await asyncio.gather(
+            *(
+                self._target(address, key, probe=probe).request(
+                    message, self.config.heartbeat_timeout_s
+                )
+                for key in keys
+            )
+        )
+        answered = [
+            (key, e) for key, e in zip(keys, exchanges, strict=True) if isinstance(e.reply, Pong)
+        ]
+        return answered[0] if answered else None
+
+    def _heard(
+        self, address: str, key: str | None, exchange: Exchange, was_alive: set[str]
+    ) -> None:
+        """A Pong from ``address`` over the link with server ``key``: the neighbour lives."""
+        pong = exchange.reply
+        assert isinstance(pong, Pong)
+        if key is not None:
+            self._prove(address, key)
+        self._names[address] = pong.name
+        self.estimates.reported(pong.name, pong.full_ms, time.monotonic())
+        known = self.table.get(pong.name)
+        if (
+            known is None
+            or known.address != address
+            or known.bundle_id != pong.bundle_id
+            or known.public_key != (key or "")
+        ):
+            self._suggest(pong.name, pong.role, address, pong.bundle_id, key or "")
+        alive = self.table.record_heartbeat(
+            pong.name, exchange.elapsed_ms, pong.load, pong.queue_length
+        )
+        if pong.bundle_id != self.config.bundle_id:
+            self._warn_other_bundle(address, pong)
+        if alive and pong.name not in was_alive:
+            log.info("neighbour %s (%s) alive at %s", pong.name, pong.role, address)
+            if self.config.share_cache and pong.bundle_id == self.config.bundle_id:
+                self._spawn(self.sharing.sync_from(pong.name, address))
+
+    def _prove(self, address: str, key: str) -> None:
+        """A handshake with ``key`` completed at ``address``: route with it, drop the others."""
+        if self._verified.get(address) != key:
+            log.info("%s proved key %s", address, key)
+        self._verified[address] = key
+        self._target(address, key).quiet = False
+        self._drop(address, keep=key)  # the other keys tried there are wrong
+
+    def _warn_other_bundle(self, address: str, pong: Pong) -> None:
+        # A peer that runs another model or bundle can take none of our
+        # tensors; without this line an edge whose --cloud ran another
+        # bundle answered every frame itself, silently.
+        warn_once(
+            f"other-bundle:{address}:{pong.bundle_id}",
+            "%s (%s) at %s runs bundle %s, not ours (%s): it gets none of this "
+            "peer's frames; start both with the same --model",
+            pong.name,
+            pong.role,
+            address,
+            pong.bundle_id,
+            self.config.bundle_id,
+        )
 
     # -- routing ----------------------------------------------------------------
 
@@ -417,55 +419,7 @@ class Cluster:
 
     def share(self, entry: SharedEntry) -> None:
         """Queue an entry this peer learned for its neighbours (oldest dropped if full)."""
-        if self.config.share_cache:
-            self._outbox.append(entry)
-
-    async def _share_loop(self) -> None:
-        tokens = 0.0
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(self.config.share_interval_s)
-            now = time.monotonic()
-            rate = self.config.share_rate_per_s
-            tokens = min(rate, tokens + (now - last) * rate)
-            last = now
-            if not self._outbox or tokens < 1:
-                continue
-            neighbours = self.table.usable(self.config.bundle_id, WIRE_VERSION)
-            if not neighbours:
-                continue
-            batch: list[SharedEntry] = []
-            while self._outbox and len(batch) < min(MAX_SHARED_ENTRIES, int(tokens)):
-                batch.append(self._outbox.popleft())
-            tokens -= len(batch)
-            # One message per key depth: a message carries one (N, dim) tensor.
-            by_depth: dict[str, list[SharedEntry]] = {}
-            for entry in batch:
-                by_depth.setdefault(entry.depth, []).append(entry)
-            for depth, entries in by_depth.items():
-                message = share_message(entries, self.config.bundle_id, depth)
-                results = await asyncio.gather(
-                    *(
-                        self.send(n.address, message, self.config.heartbeat_timeout_s)
-                        for n in neighbours
-                    )
-                )
-                self.shared_out += len(entries) * sum(r.error is None for r in results)
-
-    async def _sync_from(self, name: str, address: str) -> None:
-        """Ask a neighbour that just came up for its hottest entries, at every key depth."""
-        for depth in self.config.cache_depths or ("",):
-            request = CacheSync(
-                request_id=uuid.uuid4().hex,
-                bundle_id=self.config.bundle_id,
-                max_entries=MAX_SHARED_ENTRIES,
-                depth=depth,
-            )
-            exchange = await self.send(address, request, self.config.heartbeat_timeout_s * 5)
-            if isinstance(exchange.reply, CacheShare) and self._sink is not None:
-                # The sink counts what it takes (counting here too once doubled them).
-                accepted = self._sink.accept(exchange.reply, name, self.key_of(address) or "")
-                log.info("received %d cache entries (%s) from %s", accepted, depth or "-", name)
+        self.sharing.share(entry)
 
     # -- status -----------------------------------------------------------------
 
@@ -493,9 +447,9 @@ class Cluster:
             ],
             "sent_to": dict(self.sent_to),
             "tail_estimates": self.estimates.describe(time.monotonic()),
-            "shared_out": self.shared_out,
+            "shared_out": self.sharing.shared_out,
             "bytes_sent": self.link.bytes_sent,
-            "share_queue": len(self._outbox),
+            "share_queue": len(self.sharing.outbox),
             "link_emulation": self.link.describe(),
         }
 
@@ -504,16 +458,3 @@ class Cluster:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def share_message(entries: list[SharedEntry], bundle_id: str, depth: str = "") -> CacheShare:
-    """A CacheShare message carrying ``entries`` of one key depth (at most MAX_SHARED_ENTRIES)."""
-    return CacheShare(
-        depth=depth,
-        request_id=uuid.uuid4().hex,
-        bundle_id=bundle_id,
-        origins=[e.origin for e in entries],
-        labels=[e.label for e in entries],
-        confidences=[e.confidence for e in entries],
-        features=np.stack([e.feature for e in entries]).astype(np.float32),
-    )

@@ -4,7 +4,8 @@ Every answer is shared so the cluster learns from it; a forged entry would make
 every peer answer wrongly with confidence. This module owns that policy and its
 count of entries taken (``shared_in``): the :class:`~ccied.peer.cluster.Cluster`
 hands it what neighbours push or answer to a sync (through the one-method
-:class:`~ccied.peer.cluster.EntrySink` protocol) and sends what it queues. Entries are taken only
+:class:`~ccied.peer.cluster_sharing.EntrySink` protocol) and sends what it
+queues. Entries are taken only
 
 * from an allowed sender: on a secure peer every sender already passed the
   allow-list; ``--accept-shared-from cloud`` narrows it to the key the
@@ -23,7 +24,7 @@ from collections.abc import Callable
 
 from ccied.cache import BadFeatureError
 from ccied.discovery.logutil import WarnOnce
-from ccied.peer.cluster import SharedEntry, share_message
+from ccied.peer.cluster_sharing import SharedEntry, share_message
 from ccied.peer.counters import Counters
 from ccied.peer.defaults import SHARED_FROM
 from ccied.peer.peer_cache import NewEntry, PeerCache
