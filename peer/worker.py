@@ -17,7 +17,8 @@ Every stage runs on one torch device (``--device``: the CPU or a CUDA GPU).
 Tails that other peers send run in batches (:meth:`ModelWorker.tail_batch`,
 fed by ``ccied.peer.batching``): each payload is decoded on its own, so a bad
 one fails alone, the decoded tensors are copied once into one batch (pinned
-host memory on CUDA, then one transfer), and the tail runs once.
+host memory on CUDA, then one transfer), and the tail runs once. What a payload
+is, in each encoding, and how it is checked and decoded: ``ccied.peer.payloads``.
 """
 
 from __future__ import annotations
@@ -36,34 +37,43 @@ import numpy as np
 import torch
 from ccied.cache import BadFeatureError, thumbnail_feature
 from ccied.cache.keys import THUMBNAIL_SIDE
-from ccied.pruning import CodecError, MediaError
-from ccied.pruning.bundle import Bundle, Variant
-from ccied.pruning.codec import CodecConfig, TensorCodec
-from ccied.pruning.media import (
-    center_crop,
-    decode_image,
-    encode_jpeg,
-    encode_lossless,
-    normalize,
-    thumbnail,
+from ccied.peer.payloads import (
+    CODEC,
+    IMAGE_FORMATS,
+    JPEG,
+    MAX_JPEG_BYTES,
+    RAW,
+    WEBP,
+    BadTensorError,
+    VariantRuntime,
+    check_payload,
+    decode_payload,
+    image_payload,
+    stack,
+    variant_runtime,
+    wire_payload,
 )
-from ccied.pruning.transfer import projection_convs
-from torch import nn
+from ccied.pruning.bundle import Bundle
+from ccied.pruning.media import center_crop, normalize, thumbnail
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RAW = "raw"  # float32 tensor on the wire
-CODEC = "codec"  # ccied.pruning.codec payload (uint8 bytes) on the wire
-JPEG = "jpeg"  # a JPEG of the input crop (uint8 bytes): the cloud-only baseline
-WEBP = "webp"  # the input crop as a lossless WebP (uint8 bytes): the faithful one
-IMAGE_FORMATS = {JPEG: "JPEG", WEBP: "WEBP"}
-MAX_JPEG_BYTES = 1 << 20
-
-
-class BadTensorError(ValueError):
-    """An intermediate tensor that this peer's tail cannot take."""
+# Re-exported: the payload encodings and BadTensorError lived here first.
+__all__ = [
+    "CODEC",
+    "IMAGE_FORMATS",
+    "JPEG",
+    "MAX_JPEG_BYTES",
+    "RAW",
+    "WEBP",
+    "BadTensorError",
+    "HeadResult",
+    "ModelWorker",
+    "Prediction",
+    "Prepared",
+]
 
 
 @dataclass(frozen=True)
@@ -99,34 +109,6 @@ class HeadResult:
     head_ms: float
 
 
-@dataclass
-class _VariantRuntime:
-    variant: Variant
-    index: int
-    encode: nn.Module | None
-    decode: nn.Module | None
-    codec: TensorCodec | None
-    wire_shape: tuple[int, ...]  # (1, k, H, W) after the projection
-
-    @property
-    def encoding(self) -> str:
-        if self.variant.jpeg_quality is not None:
-            return JPEG
-        if self.variant.lossless:
-            return WEBP
-        return RAW if self.codec is None else CODEC
-
-    def payload_bytes(self) -> float:
-        if self.variant.bytes_per_frame:
-            return self.variant.bytes_per_frame
-        if self.variant.jpeg_quality is not None:
-            return 13_000.0  # JPEG q90 of a 224x224 frame, median of the bundled clips
-        if self.variant.lossless:
-            return 42_000.0  # lossless WebP of the same crops (media.encode_lossless)
-        values = int(np.prod(self.wire_shape))
-        return values * (4 if self.variant.bits is None else self.variant.bits / 8)
-
-
 class ModelWorker:
     """Runs the bundle's stages, codecs and preprocessing on one thread."""
 
@@ -144,23 +126,10 @@ class ModelWorker:
         self.model = bundle.model
         self.stages = [stage.to(self.device) for stage in bundle.model.stages]
         self.cache_point = bundle.model.split_point(bundle.cache_split)
-        self.variants: dict[str, _VariantRuntime] = {}
-        for variant in bundle.variants:
-            if variant.is_image:
-                self.variants[variant.name] = _VariantRuntime(variant, -1, None, None, None, ())
-                continue
-            point = bundle.model.split_point(variant.split)
-            encode = decode = None
-            shape = (1, *point.output_shape)
-            projection = bundle.projections.get(variant.name)
-            if projection is not None:
-                encode, decode = projection_convs(projection)
-                encode, decode = encode.to(self.device), decode.to(self.device)
-                shape = (1, projection.kept, *point.output_shape[1:])
-            codec = None if variant.bits is None else TensorCodec(CodecConfig(bits=variant.bits))
-            self.variants[variant.name] = _VariantRuntime(
-                variant, point.index, encode, decode, codec, shape
-            )
+        self.variants: dict[str, VariantRuntime] = {
+            variant.name: variant_runtime(bundle, variant, self.device)
+            for variant in bundle.variants
+        }
         # Per-stage compute time on this device (measured by warm_up).
         self.stage_ms = [1.0] * len(self.stages)
         # Crop, normalise and thumbnail one frame (measured by warm_up).
@@ -321,9 +290,7 @@ class ModelWorker:
                     if index == runtime.index:
                         at_variant = x if runtime.encode is None else runtime.encode(x)
             if runtime.variant.is_image:
-                quality = runtime.variant.jpeg_quality
-                image = encode_lossless(crop) if quality is None else encode_jpeg(crop, quality)
-                payload, encoding = np.frombuffer(image, dtype=np.uint8), runtime.encoding
+                payload, encoding = image_payload(runtime, crop)
                 return HeadResult(
                     cache_tensor, payload, encoding, variant, x, last, self._emulate(start)
                 )
@@ -331,7 +298,7 @@ class ModelWorker:
                 return HeadResult(
                     cache_tensor, None, runtime.encoding, variant, x, last, self._emulate(start)
                 )
-            payload, encoding = self._wire(runtime, at_variant)
+            payload, encoding = wire_payload(runtime, at_variant)
             return HeadResult(
                 cache_tensor, payload, encoding, variant, x, last, self._emulate(start)
             )
@@ -349,7 +316,7 @@ class ModelWorker:
             with torch.inference_mode():
                 x = self.stages_forward(head.reach, head.reach_index + 1, runtime.index)
                 at_variant = x if runtime.encode is None else runtime.encode(x)
-            payload, encoding = self._wire(runtime, at_variant)
+            payload, encoding = wire_payload(runtime, at_variant)
             return HeadResult(
                 head.cache_tensor,
                 payload,
@@ -361,13 +328,6 @@ class ModelWorker:
             )
 
         return await self._run(work)
-
-    @staticmethod
-    def _wire(runtime: _VariantRuntime, at_variant: torch.Tensor) -> tuple[np.ndarray, str]:
-        wire = at_variant.cpu().numpy().astype(np.float32, copy=False)
-        if runtime.codec is None:
-            return np.ascontiguousarray(wire), RAW
-        return np.frombuffer(runtime.codec.encode(wire), dtype=np.uint8), CODEC
 
     def _predict(self, logits: torch.Tensor, start: float, tail_share: float) -> Prediction:
         probs = torch.softmax(logits, dim=1)[0]
@@ -396,32 +356,9 @@ class ModelWorker:
 
         return await self._run(work)
 
-    def check_tensor(self, variant: str, tensor: np.ndarray, encoding: str) -> _VariantRuntime:
+    def check_tensor(self, variant: str, tensor: np.ndarray, encoding: str) -> VariantRuntime:
         """Raise BadTensorError unless the payload fits this variant's tail."""
-        runtime = self.variants.get(variant)
-        if runtime is None:
-            raise BadTensorError(
-                f"unknown variant {variant!r}; this bundle has {list(self.variants)}"
-            )
-        expected = runtime.encoding
-        if encoding != expected:
-            raise BadTensorError(f"variant {variant} travels as {expected}, got {encoding}")
-        if encoding in IMAGE_FORMATS:
-            if tensor.dtype != np.uint8 or tensor.ndim != 1 or tensor.size > MAX_JPEG_BYTES:
-                raise BadTensorError("an image travels as one uint8 vector of at most 1 MiB")
-            return runtime
-        if encoding == RAW:
-            if tuple(tensor.shape) != runtime.wire_shape:
-                raise BadTensorError(
-                    f"tensor shape {tuple(tensor.shape)}, expected {runtime.wire_shape}"
-                )
-            if tensor.dtype != np.float32:
-                raise BadTensorError(f"tensor dtype {tensor.dtype}, expected float32")
-            if not np.isfinite(tensor).all():
-                raise BadTensorError("tensor holds NaN or infinity")
-        elif tensor.dtype != np.uint8 or tensor.ndim != 1:
-            raise BadTensorError("a codec payload travels as one uint8 vector")
-        return runtime
+        return check_payload(self.variants, variant, tensor, encoding)
 
     async def tail(self, variant: str, tensor: np.ndarray, encoding: str) -> Prediction:
         """Run the variant's tail on a payload another peer sent (BadTensorError if unfit)."""
@@ -452,14 +389,14 @@ class ModelWorker:
             for tensor, encoding in payloads:
                 try:
                     checked = self.check_tensor(variant, tensor, encoding)
-                    inputs.append(self._decode_payload(checked, tensor))
+                    inputs.append(decode_payload(checked, tensor, self.model.spec))
                     failures.append(None)
                 except BadTensorError as exc:
                     failures.append(exc)
             if runtime is None or not inputs:
                 return [f for f in failures if f is not None]
             with torch.inference_mode():
-                x = self._stack(inputs)
+                x = stack(inputs, self.device, self._pinned)
                 if runtime.decode is not None:
                     x = runtime.decode(x)
                 logits = self.stages_forward(x, runtime.index + 1, len(self.stages) - 1)
@@ -488,39 +425,6 @@ class ModelWorker:
             return out
 
         return await self._run(work)
-
-    def _decode_payload(self, runtime: _VariantRuntime, tensor: np.ndarray) -> np.ndarray:
-        """A checked payload as the tail's float32 input, (1, ...); BadTensorError if it
-        does not decode. A raw tensor is not copied here: the batch copies it once."""
-        if runtime.variant.is_image:
-            size = self.model.spec.input_size
-            try:
-                pixels = decode_image(tensor.tobytes(), size, IMAGE_FORMATS[runtime.encoding])
-                return normalize(pixels, self.model.spec).numpy()
-            except MediaError as exc:
-                raise BadTensorError(str(exc)) from exc
-        if runtime.codec is None:
-            return tensor
-        try:
-            values = runtime.codec.decode(tensor.tobytes())
-        except CodecError as exc:
-            raise BadTensorError(f"undecodable payload: {exc}") from exc
-        if tuple(values.shape) != runtime.wire_shape:
-            raise BadTensorError(
-                f"payload shape {tuple(values.shape)}, expected {runtime.wire_shape}"
-            )
-        return values
-
-    def _stack(self, inputs: list[np.ndarray]) -> torch.Tensor:
-        """One (n, ...) batch on the device. The only copy of the payloads: from the
-        (read-only) wire buffers into the batch, in pinned memory on CUDA so the
-        transfer to the GPU is one asynchronous copy."""
-        shape = (len(inputs), *inputs[0].shape[1:])
-        host = torch.empty(shape, dtype=torch.float32, pin_memory=self._pinned)
-        rows = host.numpy()
-        for row, values in zip(rows, inputs, strict=True):
-            row[...] = values[0]
-        return host.to(self.device, non_blocking=True) if self._pinned else host
 
     async def audit(self, frame: np.ndarray) -> Prediction:
         """The full, unpruned float32 model on a frame, at low priority (the cache audit)."""
