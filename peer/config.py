@@ -99,6 +99,25 @@ class PeerConfig:
     mdns_service_type: str | None = None
 
 
+def check_config(config: PeerConfig) -> None:
+    """What the command line checks too, for peers built in code (PeerError if wrong)."""
+    if config.max_pending < 1:
+        raise PeerError("max_pending must be at least 1")
+    if config.remote_timeout_s <= 0:
+        raise PeerError("remote_timeout_s must be positive")
+    if not 0.0 <= config.audit_rate <= 1.0:
+        raise PeerError(f"audit_rate must be in [0, 1], got {config.audit_rate}")
+    if config.accept_shared_from not in SHARED_FROM:
+        raise PeerError(f"accept_shared_from must be one of {', '.join(SHARED_FROM)}")
+    if config.metrics_port is not None and not 0 <= config.metrics_port <= 65535:
+        raise PeerError(f"metrics_port must be in 1-65535, got {config.metrics_port}")
+    if config.accept_shared_from == "cloud" and (config.insecure or not config.cloud):
+        raise PeerError(
+            "taking shared entries from the cloud only needs --cloud and keys "
+            "(without --insecure): the cloud is known by the key it proves"
+        )
+
+
 # The documented alphabet of peer names (README, `--name`): it becomes a file
 # name (the socket), an mDNS instance name and a log field, so no '/', no
 # newline, no leading '.' or '-'. 64 characters is mDNS's instance-name room.
@@ -360,6 +379,8 @@ __all__ = [
     "CONFIG_CHECKS",
     "CONFIG_KEYS",
     "NAME_RE",
+    "PeerConfig",
+    "check_config",
     "check_name",
     "check_peer_address",
     "check_tcp_address",

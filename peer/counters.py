@@ -26,6 +26,7 @@ class Counters:
     cache_skipped: int = 0
     probes: int = 0  # copies of misses sent to neighbours only to time them
     refused_handshakes: int = 0  # CURVE clients whose key is not trusted (ZAP)
+    computing: int = 0  # frames and tensors in progress now: what queues for the model
 
     def answer(self, source: Source) -> None:
         """One application frame answered, from ``source``."""

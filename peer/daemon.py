@@ -45,10 +45,9 @@ from ccied.discovery import (
 )
 from ccied.discovery.logutil import WarnOnce
 from ccied.peer.cluster import Cluster, ClusterConfig
-from ccied.peer.config import PeerConfig
+from ccied.peer.config import PeerConfig, check_config
 from ccied.peer.counters import Counters
 from ccied.peer.defaults import (
-    SHARED_FROM,
     Role,
 )
 from ccied.peer.device import resolve_device
@@ -61,7 +60,7 @@ from ccied.peer.keys import (
     default_state_dir,
     split_keyed_address,
 )
-from ccied.peer.peer_cache import PeerCache, rule_for
+from ccied.peer.peer_cache import PeerCache, answer_command, rule_for
 from ccied.peer.server import PeerServer, prepare_socket_path
 from ccied.peer.sharing import Sharing
 from ccied.peer.status import peer_status
@@ -104,7 +103,7 @@ class PeerDaemon:
     """A ccied peer. Build it, then ``await run()``; ``request_stop()`` ends it."""
 
     def __init__(self, config: PeerConfig, codec: WireCodec | None = None) -> None:
-        _check(config)
+        check_config(config)
         if config.socket_path is not None:
             # Before the model loads (seconds): a folder we must refuse fails fast.
             prepare_socket_path(config.socket_path)
@@ -143,7 +142,6 @@ class PeerDaemon:
             self.worker,
             self.counters,
             self.cache,
-            tails=self.tails,
             sharing=self.sharing,
         )
         self.started = time.monotonic()
@@ -154,6 +152,11 @@ class PeerDaemon:
         self.discovery: MdnsDiscovery | None = None
         self.metrics: PeerMetrics | None = None  # with --metrics-port, while running
         self._context: zmq.asyncio.Context | None = None
+
+    @property
+    def _serves_as(self) -> Source:
+        """What this peer's tails are, to the peers that send it tensors."""
+        return Source.CLOUD if self.config.role is Role.CLOUD else Source.PEER
 
     @property
     def listen_address(self) -> str:
@@ -318,7 +321,7 @@ class PeerDaemon:
         while True:
             await asyncio.sleep(REMEASURE_INTERVAL_S)
             idle_s = time.monotonic() - self.worker.last_busy
-            if self.frames.computing == 0 and idle_s >= REMEASURE_IDLE_S:
+            if self.counters.computing == 0 and idle_s >= REMEASURE_IDLE_S:
                 await self.worker.remeasure()
 
     def _serve_metrics(self) -> None:
@@ -387,9 +390,11 @@ class PeerDaemon:
                     self.metrics.observe(str(reply.source), time.perf_counter() - started)
                 return reply
             case CacheCommand() if local:
-                return await self.frames.answer_cache_command(message)
+                return await answer_command(self.cache, message, self.bundle_id)
             case InferRequest() if not local:
-                return await self.frames.answer_tensor(message)
+                return await self.tails.answer(
+                    message, self.bundle_id, self._serves_as, self.counters, self.frames.reply
+                )
             case Ping() if not local and self.cluster is not None:
                 return self.cluster.pong_for(message, sender_key)
             case CacheShare() if not local:
@@ -422,25 +427,6 @@ class PeerDaemon:
 
 class _Stopping(Exception):
     """Raised inside the task group to cancel its tasks on a stop request."""
-
-
-def _check(config: PeerConfig) -> None:
-    """What the command line checks too, for peers built in code."""
-    if config.max_pending < 1:
-        raise PeerError("max_pending must be at least 1")
-    if config.remote_timeout_s <= 0:
-        raise PeerError("remote_timeout_s must be positive")
-    if not 0.0 <= config.audit_rate <= 1.0:
-        raise PeerError(f"audit_rate must be in [0, 1], got {config.audit_rate}")
-    if config.accept_shared_from not in SHARED_FROM:
-        raise PeerError(f"accept_shared_from must be one of {', '.join(SHARED_FROM)}")
-    if config.metrics_port is not None and not 0 <= config.metrics_port <= 65535:
-        raise PeerError(f"metrics_port must be in 1-65535, got {config.metrics_port}")
-    if config.accept_shared_from == "cloud" and (config.insecure or not config.cloud):
-        raise PeerError(
-            "taking shared entries from the cloud only needs --cloud and keys "
-            "(without --insecure): the cloud is known by the key it proves"
-        )
 
 
 def _load_model(config: PeerConfig, device: Any) -> tuple[Bundle, ModelWorker]:

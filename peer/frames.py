@@ -1,4 +1,4 @@
-"""One frame from pixels to its one answer, and a neighbour's tensor to its tail.
+"""One frame from pixels to its one answer.
 
 An application's frame (:meth:`Frames.answer_frame`):
 
@@ -13,7 +13,8 @@ An application's frame (:meth:`Frames.answer_frame`):
 
 A hit is sometimes re-checked by the full model off the critical path (the
 audit); a miss now and then sends a copy to an idle neighbour only to time it.
-The model runs on the worker's thread only; this runs on the event loop.
+The model runs on the worker's thread only; this runs on the event loop. (A
+neighbour's tensor goes to :class:`ccied.peer.tails.TailService` instead.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import numpy as np
 from ccied.cache import (
     THUMBNAIL_KEY,
     BadFeatureError,
-    CacheError,
     LookupResult,
     MissReason,
     feature_from_tensor,
@@ -52,22 +52,19 @@ from ccied.peer.policy import (
     plan_frame,
     route,
 )
+from ccied.peer.replies import Replies
 from ccied.peer.routing import Candidate
 from ccied.peer.sharing import Sharing
-from ccied.peer.tails import DeadlineExpiredError, TailService
 from ccied.peer.wire import (
-    CacheCommand,
-    CacheOp,
     ErrorCode,
     ErrorReply,
     InferRequest,
     InferResult,
     Message,
     Source,
-    StatusReply,
     Submit,
 )
-from ccied.peer.worker import BadTensorError, HeadResult, ModelWorker, Prepared
+from ccied.peer.worker import HeadResult, ModelWorker, Prepared
 from ccied.pruning import MediaError
 from ccied.pruning.bundle import Bundle
 
@@ -104,17 +101,15 @@ class Frames:
         cache: PeerCache | None = None,
         cluster: Cluster | None = None,
         sharing: Sharing | None = None,
-        tails: TailService | None = None,
     ) -> None:
         self.settings = settings
-        self.tails = tails
+        self.reply = Replies(worker.model.spec.class_names, settings.name)
         self.bundle = bundle
         self.worker = worker
         self.counters = counters
         self.cache = cache
         self.cluster = cluster
         self.sharing = sharing
-        self.computing = 0  # frames and tensors in progress: what queues for the model
         self.variant_counts: dict[str, int] = dict.fromkeys(worker.variants, 0)
         self._hit_rate = INITIAL_HIT_RATE  # of deeper lookups, moving average
         self._since_lookup = 0
@@ -134,8 +129,8 @@ class Frames:
     def local_load(self) -> LocalLoad:
         """What this peer's heartbeats tell its neighbours about it."""
         return LocalLoad(
-            load=self.computing / self.settings.max_pending,
-            queue_length=self.computing,
+            load=self.counters.computing / self.settings.max_pending,
+            queue_length=self.counters.computing,
             full_ms=self.worker.full_ms(),
         )
 
@@ -158,7 +153,7 @@ class Frames:
             rest_ms={n: worker.local_rest_ms(n, with_cache=False) for n in names},
             full_ms=worker.full_ms(),
             key_ms=sum(worker.stage_ms[: worker.cache_point.index + 1]),
-            queue_length=max(0, self.computing - 1),
+            queue_length=max(0, self.counters.computing - 1),
         )
 
     def plan(self, need: str, inconclusive: bool, *, count: bool = True) -> Plan:
@@ -191,11 +186,11 @@ class Frames:
 
     async def answer_frame(self, request: Submit) -> Message:
         self.counters.submitted += 1
-        self.computing += 1
+        self.counters.computing += 1
         try:
             return await self._answer_frame(request)
         finally:
-            self.computing -= 1
+            self.counters.computing -= 1
 
     async def _answer_frame(self, request: Submit) -> Message:
         cache = self.cache
@@ -303,26 +298,6 @@ class Frames:
             cache_entry=cache.public_id(depth, lookup.entry_id),
             cache_distance=lookup.distance,
             cache_depth=depth,
-        )
-
-    def reply(
-        self,
-        request_id: str,
-        label: int,
-        confidence: float,
-        source: Source,
-        served_by: str = "",
-        **fields: Any,
-    ) -> InferResult:
-        """The one place an answer is built (class name from this peer's model)."""
-        return InferResult(
-            request_id=request_id,
-            label=label,
-            class_name=self.worker.model.spec.class_names[label],
-            confidence=confidence,
-            source=source,
-            served_by=served_by or self.settings.name,
-            **fields,
         )
 
     async def _audit(
@@ -485,83 +460,6 @@ class Frames:
         if isinstance(exchange.reply, InferResult):
             self._observe_tail(candidate.name, head.variant, exchange.reply.tail_ms)
         self.counters.probes += 1
-
-    # -- a neighbour's tensor -------------------------------------------------------
-
-    async def answer_tensor(self, request: InferRequest) -> Message:
-        """Another peer's tensor: run the tail if we share its bundle."""
-        bundle_id = self.bundle.bundle_id
-        if request.bundle_id != bundle_id:
-            self.counters.refused_bundle += 1
-            warn_once(
-                f"bundle:{request.origin}",
-                "refused tensor from %s: bundle %s, ours is %s",
-                request.origin,
-                request.bundle_id,
-                bundle_id,
-            )
-            return ErrorReply(
-                request_id=request.request_id,
-                bundle_id=bundle_id,
-                code=ErrorCode.BUNDLE_MISMATCH,
-                message=f"bundle {request.bundle_id!r} differs from this peer's {bundle_id!r}",
-            )
-        started = time.perf_counter()
-        self.computing += 1
-        try:
-            if self.tails is not None:  # batched with other tensors of its variant
-                prediction = await self.tails.run(
-                    request.variant, request.tensor, request.encoding, request.deadline_ms
-                )
-            else:
-                prediction = await self.worker.tail(
-                    request.variant, request.tensor, request.encoding
-                )
-        except BadTensorError as exc:
-            self.counters.errors += 1
-            return ErrorReply(
-                request_id=request.request_id, code=ErrorCode.BAD_TENSOR, message=str(exc)
-            )
-        except DeadlineExpiredError as exc:  # its sender has moved on: not run late
-            self.counters.busy += 1
-            return ErrorReply(request_id=request.request_id, code=ErrorCode.BUSY, message=str(exc))
-        finally:
-            self.computing -= 1
-        self.counters.served_for_peers += 1
-        return self.reply(
-            request.request_id,
-            prediction.label,
-            prediction.confidence,
-            self.settings.serves_as,
-            bundle_id=bundle_id,
-            tail_ms=prediction.tail_ms,
-            served_ms=(time.perf_counter() - started) * 1e3,
-        )
-
-    # -- the cache, by hand ---------------------------------------------------------
-
-    async def answer_cache_command(self, command: CacheCommand) -> Message:
-        cache = self.cache
-        if cache is None:
-            return ErrorReply(
-                request_id=command.request_id,
-                code=ErrorCode.UNSUPPORTED,
-                message="this peer runs without a cache (--no-cache)",
-            )
-        status: dict[str, Any]
-        try:
-            if command.op is CacheOp.CLEAR:
-                status = {"op": "clear", "cleared": await cache.clear()}
-            else:
-                forgotten = await cache.forget(command.entry_id)
-                status = {"op": "forget", "entry": command.entry_id, "forgotten": forgotten}
-        except CacheError as exc:
-            return ErrorReply(
-                request_id=command.request_id, code=ErrorCode.INTERNAL, message=str(exc)
-            )
-        return StatusReply(
-            request_id=command.request_id, bundle_id=self.bundle.bundle_id, status=status
-        )
 
 
 __all__ = ["MAX_PENDING_AUDITS", "FrameSettings", "Frames"]

@@ -47,6 +47,7 @@ from ccied.cache import (
 from ccied.cache.policy import default_rule
 from ccied.discovery.logutil import WarnOnce
 from ccied.peer.errors import PeerError
+from ccied.peer.wire import CacheCommand, CacheOp, ErrorCode, ErrorReply, Message, StatusReply
 
 log = logging.getLogger(__name__)
 warn_once = WarnOnce(log)
@@ -279,3 +280,23 @@ class PeerCache:
         """Let queued writes land, then snapshot every depth (on the caller's thread)."""
         self.writer.shutdown(wait=True)
         self.tiers.close()
+
+
+async def answer_command(cache: PeerCache | None, command: CacheCommand, bundle_id: str) -> Message:
+    """``ccied cache clear`` / ``ccied cache forget ID``: what was dropped, or why not."""
+    if cache is None:
+        return ErrorReply(
+            request_id=command.request_id,
+            code=ErrorCode.UNSUPPORTED,
+            message="this peer runs without a cache (--no-cache)",
+        )
+    status: dict[str, Any]
+    try:
+        if command.op is CacheOp.CLEAR:
+            status = {"op": "clear", "cleared": await cache.clear()}
+        else:
+            forgotten = await cache.forget(command.entry_id)
+            status = {"op": "forget", "entry": command.entry_id, "forgotten": forgotten}
+    except CacheError as exc:
+        return ErrorReply(request_id=command.request_id, code=ErrorCode.INTERNAL, message=str(exc))
+    return StatusReply(request_id=command.request_id, bundle_id=bundle_id, status=status)

@@ -14,11 +14,13 @@ come. ``--max-batch 1`` turns batching off.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from ccied.discovery.logutil import WarnOnce
 from ccied.peer.batching import (
     DEFAULT_BATCH_WINDOW_MS,
     DEFAULT_MAX_BATCH,
@@ -26,7 +28,13 @@ from ccied.peer.batching import (
     Batcher,
     DeadlineExpiredError,
 )
+from ccied.peer.counters import Counters
+from ccied.peer.replies import Replies
+from ccied.peer.wire import ErrorCode, ErrorReply, InferRequest, Message, Source
 from ccied.peer.worker import BadTensorError, ModelWorker, Prediction
+
+log = logging.getLogger(__name__)
+warn_once = WarnOnce(log)
 
 __all__ = ["DeadlineExpiredError", "TailService", "batch_config_for"]
 
@@ -90,6 +98,57 @@ class TailService:
             "queued": self.queue_length(),
             **self._batcher.stats.describe(),
         }
+
+    async def answer(
+        self,
+        request: InferRequest,
+        bundle_id: str,
+        serves_as: Source,
+        counters: Counters,
+        reply: Replies,
+    ) -> Message:
+        """A neighbour's tensor: its tail's answer if we share its bundle, else why not."""
+        if request.bundle_id != bundle_id:
+            counters.refused_bundle += 1
+            warn_once(
+                f"bundle:{request.origin}",
+                "refused tensor from %s: bundle %s, ours is %s",
+                request.origin,
+                request.bundle_id,
+                bundle_id,
+            )
+            return ErrorReply(
+                request_id=request.request_id,
+                bundle_id=bundle_id,
+                code=ErrorCode.BUNDLE_MISMATCH,
+                message=f"bundle {request.bundle_id!r} differs from this peer's {bundle_id!r}",
+            )
+        started = time.perf_counter()
+        counters.computing += 1
+        try:
+            prediction = await self.run(
+                request.variant, request.tensor, request.encoding, request.deadline_ms
+            )
+        except BadTensorError as exc:
+            counters.errors += 1
+            return ErrorReply(
+                request_id=request.request_id, code=ErrorCode.BAD_TENSOR, message=str(exc)
+            )
+        except DeadlineExpiredError as exc:  # its sender has moved on: not run late
+            counters.busy += 1
+            return ErrorReply(request_id=request.request_id, code=ErrorCode.BUSY, message=str(exc))
+        finally:
+            counters.computing -= 1
+        counters.served_for_peers += 1
+        return reply(
+            request.request_id,
+            prediction.label,
+            prediction.confidence,
+            serves_as,
+            bundle_id=bundle_id,
+            tail_ms=prediction.tail_ms,
+            served_ms=(time.perf_counter() - started) * 1e3,
+        )
 
     async def aclose(self) -> None:
         await self._batcher.aclose()

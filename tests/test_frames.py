@@ -3,7 +3,7 @@
 The real-socket tests (test_daemon.py, test_cluster.py) cover the same paths
 end to end in minutes; these cover the decisions in about a second: which
 target is tried first, failover in order, the local tail as the last resort,
-exactly one answer counted, a neighbour's tensor of another bundle refused.
+exactly one answer counted, a neighbour's tensor of another bundle refused (peer/tails.py).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 from ccied.peer.counters import Counters
 from ccied.peer.frames import Frames, FrameSettings
 from ccied.peer.routing import Candidate, TailEstimates, TargetKind
+from ccied.peer.tails import TailService, batch_config_for
 from ccied.peer.transport import Exchange
 from ccied.peer.wire import (
     ErrorCode,
@@ -192,6 +193,7 @@ def test_a_tensor_of_another_bundle_is_refused_and_counted() -> None:
         deadline_ms=1000,
         tensor=np.zeros(10, np.uint8),
     )
-    reply = asyncio.run(frames.answer_tensor(request))
+    tails = TailService(frames.worker, batch_config_for("edge"))  # type: ignore[arg-type]
+    reply = asyncio.run(tails.answer(request, "b1", Source.PEER, counters, frames.reply))
     assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.BUNDLE_MISMATCH
     assert counters.refused_bundle == 1 and counters.served_for_peers == 0
