@@ -224,26 +224,30 @@ def _cache(cache: Mapping[str, Any]) -> list[str]:
                 ]
             )
         lines += _table(rows, right=(1, 3, 4, 5))
+    return lines + _audit(cache)
+
+
+def _audit(cache: Mapping[str, Any]) -> list[str]:
+    """The audit's lines: hits re-checked by the full model, wrong ones, the bound."""
     audit = cache.get("audit")
-    if audit:
-        target = audit.get("target_false_hit_rate")
-        lines.append(
-            _row(
-                "audit",
-                f"checked {_get(audit, 'checked')} of {_get(cache, 'hits')} hits "
-                f"(rate {_percent(audit.get('rate'))})  "
-                f"wrong {_get(audit, 'wrong')}  false-hit rate "
-                f"{_fraction(audit.get('false_hit_rate'))} (95% bound "
-                f"{_fraction(audit.get('false_hit_upper_95'))}, target {_fraction(target)})",
-            )
-        )
-        lines.append(
-            INDENT + f"fidelity decisive {_fraction(audit.get('fidelity_decisive'))}  "
-            f"all {_fraction(audit.get('fidelity_all'))}  "
-            f"rules tightened {_get(audit, 'tightened')}"
-        )
-        if audit.get("refused_origins"):
-            lines.append(INDENT + f"entries refused from: {', '.join(audit['refused_origins'])}")
+    if not audit:
+        return []
+    target = audit.get("target_false_hit_rate")
+    lines = [
+        _row(
+            "audit",
+            f"checked {_get(audit, 'checked')} of {_get(cache, 'hits')} hits "
+            f"(rate {_percent(audit.get('rate'))})  "
+            f"wrong {_get(audit, 'wrong')}  false-hit rate "
+            f"{_fraction(audit.get('false_hit_rate'))} (95% bound "
+            f"{_fraction(audit.get('false_hit_upper_95'))}, target {_fraction(target)})",
+        ),
+        INDENT + f"fidelity decisive {_fraction(audit.get('fidelity_decisive'))}  "
+        f"all {_fraction(audit.get('fidelity_all'))}  "
+        f"rules tightened {_get(audit, 'tightened')}",
+    ]
+    if audit.get("refused_origins"):
+        lines.append(INDENT + f"entries refused from: {', '.join(audit['refused_origins'])}")
     return lines
 
 
