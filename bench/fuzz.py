@@ -269,6 +269,7 @@ def _b64(data: bytes | None) -> str | None:
 def wire_seeds() -> list[list[bytes]]:
     """One valid encoded message of every type (several with tensors of each dtype)."""
     from ccied.peer import wire
+    from ccied.peer.defaults import Role
 
     rng = np.random.default_rng(0)
     messages: list[wire.Message] = [
@@ -298,7 +299,7 @@ def wire_seeds() -> list[list[bytes]]:
             request_id="p",
             bundle_id="b",
             name="a",
-            role="edge",
+            role=Role.EDGE,
             address="tcp://127.0.0.1:5555",
             load=0.25,
             queue_length=1,
@@ -308,7 +309,7 @@ def wire_seeds() -> list[list[bytes]]:
             request_id="p",
             bundle_id="b",
             name="b",
-            role="cloud",
+            role=Role.CLOUD,
             address="",
             load=0.0,
             queue_length=0,

@@ -267,10 +267,10 @@ class Client:
                 time.sleep(0.1)
 
 
-def _need(value: Need | str) -> str:
-    """``value`` as the wire spells it; a ValueError naming the choices otherwise."""
+def _need(value: Need | str) -> Need:
+    """``value`` as a Need; a ValueError naming the choices otherwise."""
     try:
-        return str(Need(value))
+        return Need(value)
     except ValueError:
         choices = ", ".join(n.value for n in Need)
         raise ValueError(f"need must be one of {choices}, got {value!r}") from None

@@ -38,6 +38,7 @@ from ccied.peer.cluster_sharing import (
     SharedEntry,
     share_message,
 )
+from ccied.peer.defaults import Role
 from ccied.peer.keys import Keypair, KeyStore
 from ccied.peer.routing import Candidate, TailEstimates, TargetKind
 from ccied.peer.transport import EmulatedLink, Exchange, RemoteTarget
@@ -65,7 +66,7 @@ HANDSHAKE_RETRY_S = 2.0
 @dataclass(frozen=True)
 class ClusterConfig:
     name: str
-    role: str
+    role: Role
     bundle_id: str
     listen_address: str  # where neighbours reach us ('' if we do not listen)
     static_addresses: tuple[str, ...] = ()  # --peer and --cloud
@@ -383,7 +384,7 @@ class Cluster:
         out = []
         now = time.monotonic()
         for neighbour in self.table.usable(self.config.bundle_id, WIRE_VERSION):
-            kind = TargetKind.CLOUD if neighbour.role == "cloud" else TargetKind.PEER
+            kind = TargetKind.CLOUD if neighbour.role == Role.CLOUD else TargetKind.PEER
             out.append(
                 Candidate(
                     name=neighbour.name,

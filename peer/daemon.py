@@ -256,7 +256,7 @@ class PeerDaemon:
         return Cluster(
             ClusterConfig(
                 name=self.config.name,
-                role=str(self.config.role),
+                role=self.config.role,
                 bundle_id=self.bundle_id,
                 listen_address=self.listen_address,
                 static_addresses=self._static_addresses(),
@@ -293,7 +293,7 @@ class PeerDaemon:
             try:
                 advertisement = Advertisement(
                     name=self.config.name,
-                    role=str(self.config.role),
+                    role=self.config.role,
                     bundle_id=self.bundle_id,
                     wire_version=WIRE_VERSION,
                     port=int(port),

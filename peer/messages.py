@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 import numpy as np
+from ccied.peer.defaults import Need, Role
 
 
 class MessageType(StrEnum):
@@ -54,7 +55,7 @@ class Submit:
     request_id: str
     frame_name: str
     pixels: np.ndarray
-    need: str = "latency"  # or "accuracy": what the planner optimises for this frame
+    need: Need = Need.LATENCY  # what the frame policy optimises for this frame
     bundle_id: str = ""
 
 
@@ -124,7 +125,7 @@ class Ping:
     request_id: str
     bundle_id: str
     name: str
-    role: str
+    role: Role
     address: str  # where this peer listens for peers (tcp://IP:PORT), '' if it does not
     load: float  # requests in progress / the most this peer queues
     queue_length: int  # requests in progress
@@ -204,4 +205,4 @@ Message = (
 )
 
 # What a Submit may ask the planner to optimise for (Submit.need).
-NEEDS = ("latency", "accuracy")
+NEEDS = tuple(n.value for n in Need)

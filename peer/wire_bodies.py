@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import numpy as np
+from ccied.peer.defaults import Need, Role
 from ccied.peer.errors import ProtocolError
 from ccied.peer.messages import (
     NEEDS,
@@ -46,7 +47,7 @@ Encoded = tuple[dict[str, Any], list[np.ndarray]]
 
 
 def _encode_submit(message: Submit) -> Encoded:
-    return {"frame": message.frame_name, "need": message.need}, [message.pixels]
+    return {"frame": message.frame_name, "need": str(message.need)}, [message.pixels]
 
 
 def _encode_infer(message: InferRequest) -> Encoded:
@@ -100,7 +101,7 @@ def _encode_cache(message: CacheCommand) -> Encoded:
 def _encode_ping(message: Ping) -> Encoded:  # Pong too: same fields
     body = {
         "name": message.name,
-        "role": message.role,
+        "role": str(message.role),
         "address": message.address,
         "load": float(message.load),
         "queue": int(message.queue_length),
@@ -287,7 +288,7 @@ def _parse_ping(body: Body, cls: type[Ping] = Ping) -> Ping:
         request_id=body.request_id,
         bundle_id=body.bundle_id,
         name=body.text("name"),
-        role=body.text("role"),
+        role=_role(body.text("role"), body.request_id),
         address=body.text("address"),
         load=body.number("load"),
         queue_length=body.count("queue"),
@@ -354,7 +355,15 @@ PARSERS: dict[MessageType, Callable[[Body], Message]] = {
 }
 
 
-def _need(value: str, request_id: str) -> str:
+def _role(value: str, request_id: str) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        roles = tuple(r.value for r in Role)
+        raise ProtocolError(f"role must be one of {roles}, got {value!r}", request_id) from None
+
+
+def _need(value: str, request_id: str) -> Need:
     if value not in NEEDS:
         raise ProtocolError(f"need must be one of {NEEDS}, got {value!r}", request_id)
-    return value
+    return Need(value)

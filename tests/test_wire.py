@@ -8,6 +8,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from ccied.peer.defaults import Role
 from ccied.peer.errors import ProtocolError
 from ccied.peer.wire import (
     DTYPES,
@@ -100,7 +101,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
             request_id=ids,
             bundle_id=texts,
             name=texts,
-            role=texts,
+            role=st.sampled_from(["edge", "cloud"]),
             address=texts,
             load=finite,
             queue_length=counts,
@@ -237,6 +238,18 @@ def _infer_header(**changes: Any) -> bytes:
 def test_specific_malformations_name_the_problem(frames: list[bytes], message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
         decode(frames)
+
+
+def test_a_role_or_need_outside_its_enum_is_refused_with_the_request_id() -> None:
+    ping = {"v": WIRE_VERSION, "type": "ping", "id": "p7", "bundle": "b", "tensors": [],
+            "body": {"name": "x", "role": "fog", "address": "", "load": 0.0, "queue": 0,
+                     "full_ms": 1.0}}  # fmt: skip
+    with pytest.raises(ProtocolError, match="role must be one of") as caught:
+        decode([msgpack.packb(ping)])
+    assert caught.value.request_id == "p7"
+    good = {**ping, "body": {**ping["body"], "role": "cloud"}}
+    decoded = decode([msgpack.packb(good)])
+    assert getattr(decoded, "role", None) is Role.CLOUD
 
 
 def test_non_finite_numbers_are_refused() -> None:
