@@ -19,31 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import zmq
 from ccied.peer.client import Client
 from ccied.peer.errors import PeerUnavailableError
-from ccied.peer.keys import Keypair, KeyStore, split_keyed_address
+from ccied.peer.keys import KeyStore, split_keyed_address
 
 DEFAULT_READY_TIMEOUT_S = 120.0
 DEFAULT_STOP_TIMEOUT_S = 10.0
 # A neighbour heard from within this many seconds (heartbeats every 0.5 s).
 HEALTHY_SEEN_S = 1.0
-
-
-def dealer(keys: tuple[Keypair, str] | None = None) -> zmq.Socket[bytes]:
-    """A DEALER for raw requests; ``keys`` = (our keypair, the server's public key)
-    makes it a CURVE client, as a peer socket requires.
-
-    Only tests use it (through tests/peers.py); it moves there once
-    tests/test_cloud_batching.py imports it from there too.
-    """
-    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if keys is not None:
-        sock.curve_secretkey = keys[0].secret.encode()
-        sock.curve_publickey = keys[0].public.encode()
-        sock.curve_serverkey = keys[1].encode()
-    return sock
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:

@@ -3,8 +3,6 @@
 Tests import these as ``from peers import ...`` (pytest puts ``tests/`` on the
 path). ``PeerProcess``, ``free_tcp_port`` and ``running`` stay in
 ``ccied.bench.cluster``: the benchmarks and the demo start peers too.
-``dealer`` is still defined there, for tests/test_cloud_batching.py; once that
-file imports it from here, its body moves here.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import zmq
-from ccied.bench.cluster import PeerProcess, dealer, free_tcp_port
+from ccied.bench.cluster import PeerProcess, free_tcp_port
 from ccied.peer.keys import Keypair, KeyStore
 from ccied.peer.wire import Message, decode, encode
 
@@ -27,6 +25,18 @@ __all__ = [
     "raw_request",
     "trust_each_other",
 ]
+
+
+def dealer(keys: tuple[Keypair, str] | None = None) -> zmq.Socket[bytes]:
+    """A DEALER for raw requests; ``keys`` = (our keypair, the server's public key)
+    makes it a CURVE client, as a peer socket requires."""
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        sock.curve_secretkey = keys[0].secret.encode()
+        sock.curve_publickey = keys[0].public.encode()
+        sock.curve_serverkey = keys[1].encode()
+    return sock
 
 
 def peer_process(

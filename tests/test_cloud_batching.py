@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ccied.bench.cluster import PeerProcess, dealer, free_tcp_port, local_keys
+from ccied.bench.cluster import PeerProcess, free_tcp_port, local_keys
 from ccied.peer.client import Client
 from ccied.peer.keys import KeyStore
 from ccied.peer.wire import ErrorCode, ErrorReply, InferRequest, InferResult, decode, encode
 from ccied.peer.worker import ModelWorker
 from ccied.pruning.bundle import builtin_bundle
+from peers import dealer
 
 pytestmark = pytest.mark.slow
 
