@@ -307,19 +307,8 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         return value
 
     name = check_name(pick("name") or default_peer_name())
-    socket_option = pick("socket")
-    socket_path = (
-        default_socket_path(name) if socket_option is None else _none_or(Path(socket_option))
-    )
-    if socket_path is not None:
-        socket_path = Path(socket_path).expanduser().absolute()
-    listen = _none_or(pick("listen", DEFAULT_LISTEN))
-    if listen is not None:
-        check_tcp_address(listen, "--listen", bind=True)
-    cloud = pick("cloud")
-    if cloud is not None:
-        check_peer_address(cloud, "--cloud")
-    peers = tuple(check_peer_address(p, "--peer") for p in pick("peer") or [])
+    socket_path = _socket_path(pick("socket"), name)
+    listen, cloud, peers = _addresses(pick)
     cache_dir = pick("cache_dir")
     state_dir = pick("state_dir")
     return PeerConfig(
@@ -358,6 +347,24 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         batch_window_ms=pick("batch_window_ms"),
         max_batch=pick("max_batch", DEFAULT_MAX_BATCH),
     )
+
+
+def _socket_path(option: Any, name: str) -> Path | None:
+    """``--socket`` made absolute: unset, the peer's default path; 'none', no socket (None)."""
+    socket_path = default_socket_path(name) if option is None else _none_or(Path(option))
+    return None if socket_path is None else Path(socket_path).expanduser().absolute()
+
+
+def _addresses(pick: Any) -> tuple[str | None, str | None, tuple[str, ...]]:
+    """``--listen`` ('none': no listening socket), ``--cloud`` and ``--peer``, checked."""
+    listen = _none_or(pick("listen", DEFAULT_LISTEN))
+    if listen is not None:
+        check_tcp_address(listen, "--listen", bind=True)
+    cloud = pick("cloud")
+    if cloud is not None:
+        check_peer_address(cloud, "--cloud")
+    peers = tuple(check_peer_address(p, "--peer") for p in pick("peer") or [])
+    return listen, cloud, peers
 
 
 def _rule_overrides(pick: Any) -> dict[str, dict[str, float]]:
