@@ -22,6 +22,7 @@ for any peer with its bundle.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -131,7 +132,6 @@ class PeerDaemon:
                 len(self.worker.model.spec.class_names),
                 self.counters,
                 config.accept_shared_from,
-                self._cloud_key,
             )
             if self.cache is not None
             else None
@@ -162,12 +162,6 @@ class PeerDaemon:
     def listen_address(self) -> str:
         """The bound peer-socket address, port resolved ('' before run() or without one)."""
         return self.server.listen_address if self.server is not None else ""
-
-    def _cloud_key(self) -> str | None:
-        """The key the --cloud address proved (for --accept-shared-from cloud)."""
-        if self.cluster is None or not self.config.cloud:
-            return None
-        return self.cluster.key_of(split_keyed_address(self.config.cloud)[0])
 
     def _key_depths(self) -> list[KeyDepth]:
         point = self.worker.cache_point
@@ -225,7 +219,10 @@ class PeerDaemon:
             self.cluster = self._make_cluster(self._context)
             self.frames.cluster = self.cluster
             if self.sharing is not None:
-                self.sharing.send_to(self.cluster.share)
+                cloud = split_keyed_address(self.config.cloud)[0] if self.config.cloud else ""
+                self.sharing.connect(
+                    self.cluster.share, functools.partial(self.cluster.key_of, cloud)
+                )
             self.discovery = self._make_discovery()
             log.info(
                 "peer %s (%s) ready: bundle %s, variant %s, listen %s, socket %s, "

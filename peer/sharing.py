@@ -52,7 +52,6 @@ class Sharing:
         class_count: int,
         counters: Counters,
         accept_from: str = "trusted",
-        cloud_key: Callable[[], str | None] = lambda: None,
     ) -> None:
         if accept_from not in SHARED_FROM:
             raise ValueError(f"accept_from must be one of {', '.join(SHARED_FROM)}")
@@ -61,7 +60,7 @@ class Sharing:
         self._class_count = class_count
         self._counters = counters
         self._accept_from = accept_from
-        self._cloud_key = cloud_key
+        self._cloud_key: Callable[[], str | None] = lambda: None
         self._outbox: Callable[[SharedEntry], None] = lambda entry: None
         # Which proved key delivered each origin's entries, and the keys whose
         # entries the audit refused.
@@ -69,9 +68,13 @@ class Sharing:
         self._refused_keys: set[str] = set()
         self.shared_in = 0  # entries taken, pushed or synced: counted here only
 
-    def send_to(self, outbox: Callable[[SharedEntry], None]) -> None:
-        """Entries this peer makes go to ``outbox`` (the cluster's share queue)."""
+    def connect(
+        self, outbox: Callable[[SharedEntry], None], cloud_key: Callable[[], str | None]
+    ) -> None:
+        """Entries this peer makes go to ``outbox`` (the cluster's share queue);
+        ``cloud_key`` says which key the --cloud address proved (None: not yet)."""
         self._outbox = outbox
+        self._cloud_key = cloud_key
         self._cache.on_new_entry(self._offer)
 
     def _offer(self, entry: NewEntry) -> None:

@@ -52,7 +52,9 @@ def test_who_may_share(cache: PeerCache) -> None:
     share = share_message([entry(1), entry(2)], "b1", "thumb16")
     nobody = Sharing(cache, "b1", CLASSES, counters, accept_from="none")
     assert nobody.accept(share, "cam2", "KEY2") == 0 and counters.refused_shared == 2
-    cloud_only = Sharing(cache, "b1", CLASSES, Counters(), "cloud", cloud_key=lambda: "CLOUD")
+    cloud_only = Sharing(cache, "b1", CLASSES, Counters(), "cloud")
+    assert cloud_only.accept(share, "cloud1", "CLOUD") == 0  # its key not proved yet
+    cloud_only.connect(lambda entry: None, lambda: "CLOUD")
     assert cloud_only.accept(share, "cam2", "KEY2") == 0
     assert cloud_only.accept(share, "cloud1", "CLOUD") == 2
     trusted = Sharing(cache, "b1", CLASSES, Counters())
