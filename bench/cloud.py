@@ -149,7 +149,9 @@ class CloudBenchConfig:
         if not self.concurrency or min(self.concurrency) < 1:
             raise ValueError("every concurrency must be at least 1")
         if self.duration_s <= 0 or self.warmup_s < 0 or self.frames < 1 or self.rounds < 1:
-            raise ValueError("--duration-s and --frames must be positive, --warmup-s not negative")
+            raise ValueError(
+                "--duration-s, --frames and --rounds must be positive, --warmup-s not negative"
+            )
         if self.max_batch < 2:
             raise ValueError("--max-batch for the batched runs must be at least 2")
         if self.window_ms < 0:
