@@ -139,7 +139,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import numpy as np
     from ccied.cache import BadFeatureError, feature_from_tensor, thumbnail_feature
     from ccied.cache.policy import calibrate_or_default, evaluate
-    from ccied.pruning.prepare import PrepareConfig, prepare_bundle, print_report
+    from ccied.pruning.custom import parse_normalize
+    from ccied.pruning.prepare import AUTO, PrepareConfig, prepare_bundle, print_report
 
     _setup_logging(args.log_level)
 
@@ -182,9 +183,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         model=args.model,
         split=args.split,
         keep_ratio=args.keep_ratio,
-        bits=None if args.bits == 32 else args.bits,
+        bits=AUTO if args.bits is None else None if args.bits == 32 else args.bits,
         every=args.every,
         cache_split=args.cache_split,
+        labels=args.labels,
+        input_size=args.input_size,
+        normalize=None if args.normalize is None else parse_normalize(args.normalize),
+        frames=args.frames,
     )
     report = prepare_bundle(
         config, args.out, calibrate_cache, key_of, progress=not args.no_progress
@@ -194,18 +199,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_splits(args: argparse.Namespace) -> int:
-    from ccied.pruning import load_model
+    from ccied.pruning.custom import parse_normalize
+    from ccied.pruning.prepare import open_model
 
-    model = load_model(args.model)
+    normalize = None if args.normalize is None else parse_normalize(args.normalize)
+    model = open_model(args.model, args.input_size, normalize)
     points = model.split_points()
     if args.json:
         print(json.dumps([p.__dict__ for p in points], indent=2))
         return 0
-    print(f"{'split':<10} {'output shape':<16} {'float32 B':>10} {'compute':>8}  stage end")
+    width = max(10, *(len(p.name) for p in points))
+    print(f"{'split':<{width}} {'output shape':<16} {'float32 B':>10} {'compute':>8}  stage end")
     for p in points:
         shape = "x".join(map(str, p.output_shape))
         print(
-            f"{p.name:<10} {shape:<16} {p.float32_bytes:>10} {p.compute_fraction:>8.1%}  "
+            f"{p.name:<{width}} {shape:<16} {p.float32_bytes:>10} {p.compute_fraction:>8.1%}  "
             f"{'yes' if p.stage_end else ''}"
         )
     return 0

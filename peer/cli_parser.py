@@ -154,13 +154,42 @@ def add_cache_parser(sub: Any, common: argparse.ArgumentParser) -> argparse.Argu
 # -- ccied splits, prepare: the model --------------------------------------------
 
 
+MODEL_HELP = (
+    f"a registered model (default {DEFAULT_MODEL}), FILE.py:FACTORY (a function in a "
+    "self-contained Python file that returns the nn.Module) or a TorchScript file"
+)
+
+
+def _model_input_options(p: argparse.ArgumentParser) -> None:
+    """How frames become a model-from-a-file's input (a registered model has its own)."""
+    p.add_argument(
+        "--input-size",
+        type=positive_int,
+        default=None,
+        metavar="PIXELS",
+        help="side of the square crop the model takes (default 224)",
+    )
+    p.add_argument(
+        "--normalize",
+        default=None,
+        metavar="MEAN,STD",
+        help="(pixel / 255 - mean) / std: MEAN,STD for every channel or three means and three "
+        "stds (default ImageNet's 0.485,0.456,0.406,0.229,0.224,0.225)",
+    )
+
+
 def add_splits_parser(sub: Any) -> argparse.ArgumentParser:
     sp: argparse.ArgumentParser = sub.add_parser(
         "splits",
         help="list a model's candidate split points",
-        description="List where a model can be cut: output shape, float32 bytes, compute share.",
+        description=(
+            "List where a model can be cut: output shape, float32 bytes, compute share. A "
+            "model from a file is traced (torch.fx) or cut between its top-level children "
+            "(TorchScript), and tail(head(x)) == model(x) is checked at every split point."
+        ),
     )
-    sp.add_argument("--model", default=DEFAULT_MODEL)
+    sp.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP}, or a bundle folder")
+    _model_input_options(sp)
     sp.add_argument("--json", action="store_true")
     return sp
 
@@ -171,23 +200,53 @@ def add_prepare_parser(sub: Any) -> argparse.ArgumentParser:
         help="build a model bundle: variants, measured bytes and agreement, cache rule",
         description=(
             "Build a bundle folder for `ccied peer --model DIR`: the operating point given "
-            "(split, keep ratio, bits) plus built-in alternatives, each measured on held-out "
-            "frames of the bundled clips (bytes per frame, agreement with the unpruned model), "
-            "and the cache's hit rule calibrated on the other frames."
+            "(split, keep ratio, bits) plus alternatives, each measured on held-out frames "
+            "(bytes per frame, agreement with the unpruned model), and the cache's hit rule "
+            "calibrated on the other frames. The model is a registered one or your own "
+            "(FILE.py:FACTORY or TorchScript, with --labels, --input-size, --normalize); the "
+            "frames are the bundled clips or your own (--frames). The bundle carries "
+            "everything a peer needs; it is written to a temporary folder and renamed."
         ),
     )
-    pr.add_argument("--model", default=DEFAULT_MODEL)
-    pr.add_argument("--split", default="blocks.11", help="split of the operating point")
+    pr.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    pr.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="class names, one per line, as many as the model's outputs (default: 0, 1, ...)",
+    )
+    _model_input_options(pr)
+    pr.add_argument(
+        "--frames",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="your images and videos to fit, calibrate and measure on (default: the bundled "
+        "clips); of each video the first 60%% fit and the rest is held out, of the images "
+        "three in five fit",
+    )
+    pr.add_argument(
+        "--split",
+        default=None,
+        help="split of the operating point (default blocks.11 for the registered model; for "
+        "a model from a file the smallest tensor between 10%% and 95%% of its compute)",
+    )
     pr.add_argument("--keep-ratio", type=float, default=1.0, help="share of channels kept (PCA)")
     pr.add_argument(
-        "--bits", type=int, choices=[2, 4, 6, 8, 32], default=6, help="codec bits (32: raw)"
+        "--bits",
+        type=int,
+        choices=[2, 4, 6, 8, 32],
+        default=None,
+        help="codec bits, 32: raw (default 6 for the registered model, 8 from a file)",
     )
-    pr.add_argument("--every", type=int, default=3, help="use every N-th clip frame")
+    pr.add_argument("--every", type=int, default=3, help="use every N-th video frame")
     pr.add_argument(
         "--cache-split",
-        default=DEFAULT_CACHE_SPLIT,
+        default=None,
         help=f"the split whose tensor keys the cache when the input thumbnail is inconclusive "
-        f"(default {DEFAULT_CACHE_SPLIT}; an earlier one is cheaper on slow devices)",
+        f"(default {DEFAULT_CACHE_SPLIT} for the registered model, else the split nearest 30%% "
+        "of the compute; an earlier one is cheaper on slow devices)",
     )
     pr.add_argument("--cache-fidelity", type=float, default=0.99, help="cache target")
     pr.add_argument("--out", type=Path, required=True, help="the bundle folder to write")

@@ -12,10 +12,20 @@ A bundle folder (``ccied prepare --out DIR``) holds::
     manifest.json                 model, weights hash, variants, cache keys and rules, figures
     projection-<variant>.npz      fitted 1x1 reductions for variants with keep < 1
 
-The bundle id is a hash of the manifest's identity part and of every file it
-names, so two peers with the same id compute the same thing. Without a folder a
-peer serves :func:`builtin_bundle`: the default variants, no reductions.
-Nothing here unpickles: JSON and ``np.load(allow_pickle=False)``.
+and, for a model from the user's files (format 3; a registered model is format 2)::
+
+    labels.txt                    class names, one per line
+    model.py + weights.pt         the factory's Python file and the module's state dict, or
+    model.pt                      the TorchScript file
+
+with the preprocessing (input size, mean, std), the factory's name and the
+split points found in the manifest's identity. The bundle id is a hash of the
+manifest's identity part and of every file it names, so two peers with the
+same id compute the same thing; every file is checked against it before any
+runs. Without a folder a peer serves :func:`builtin_bundle`: the default
+variants, no reductions. Nothing here unpickles: JSON,
+``np.load(allow_pickle=False)`` and ``torch.load(weights_only=True)``; a
+``model.py`` is run as Python (see :mod:`ccied.pruning.custom`).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import json
 import logging
 import lzma
 import math
+import shutil
 import tokenize
 import zipfile
 import zlib
@@ -33,6 +44,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from ccied.pruning.custom import (
+    PYTHON,
+    TORCHSCRIPT,
+    ModelOrigin,
+    Preprocessing,
+    build_python_module,
+    load_state,
+    load_torchscript,
+    looks_like_file,
+    read_labels,
+    staged_model,
+    state_sha256,
+)
 from ccied.pruning.defaults import DEFAULT_CACHE_SPLIT, DEFAULT_MODEL
 from ccied.pruning.errors import ModelError
 from ccied.pruning.models import StagedModel, load_model
@@ -43,6 +68,13 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 # 2: the cache is keyed at several depths (a thumbnail first), one rule each.
 BUNDLE_FORMAT = 2
+# 3: format 2 plus the model itself, from the user's files (a registered model's
+# bundle stays at 2, so its id, and the caches kept under it, do not change).
+CUSTOM_BUNDLE_FORMAT = 3
+LABELS_FILE = "labels.txt"
+MODEL_SOURCE_FILE = "model.py"
+WEIGHTS_FILE = "weights.pt"
+TORCHSCRIPT_FILE = "model.pt"
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_VARIANTS = 32
 # The cache's first key: a 16x16 thumbnail of the input crop (ccied.cache.keys;
@@ -150,9 +182,18 @@ def _identity(
     cache_split: str,
     files: dict[str, str],
 ) -> dict[str, Any]:
-    """What two peers must share: model, weights, variants (without figures), files."""
+    """What two peers must share: model, weights, variants (without figures), files;
+    for a model from the user's files also how it is built, fed and cut."""
+    custom: dict[str, Any] = {}
+    if model.origin is not None:
+        custom = {
+            "source": {"kind": model.origin.kind, "factory": model.origin.factory},
+            "preprocessing": model.origin.preprocessing.as_json(),
+            "splits": [point.name for point in model.split_points()],
+        }
     return {
-        "format": BUNDLE_FORMAT,
+        "format": BUNDLE_FORMAT if model.origin is None else CUSTOM_BUNDLE_FORMAT,
+        **custom,
         "model": model.spec.name,
         "weights_sha256": model.spec.weights_sha256,
         "cache_split": cache_split,
@@ -228,7 +269,7 @@ def write_bundle(
     """Write a bundle folder; returns its bundle id."""
     _check_variants(model, variants, default_variant)
     folder.mkdir(parents=True, exist_ok=True)
-    files = {}
+    files = _write_model_files(folder, model)
     for variant in variants:
         if variant.keep_ratio < 1.0:
             projection = projections.get(variant.name)
@@ -254,6 +295,95 @@ def write_bundle(
     return str(manifest["bundle_id"])
 
 
+def _write_model_files(folder: Path, model: StagedModel) -> dict[str, str]:
+    """A model from the user's files: its labels and what builds it; {file: sha256}."""
+    origin = model.origin
+    if origin is None:
+        return {}
+    (folder / LABELS_FILE).write_text("\n".join(model.spec.class_names) + "\n", encoding="utf-8")
+    names = [LABELS_FILE]
+    if origin.kind == PYTHON:
+        (folder / MODEL_SOURCE_FILE).write_bytes(origin.source)
+        torch.save(origin.module.state_dict(), folder / WEIGHTS_FILE)
+        names += [MODEL_SOURCE_FILE, WEIGHTS_FILE]
+    else:
+        try:
+            shutil.copyfile(origin.path, folder / TORCHSCRIPT_FILE)
+        except OSError as exc:
+            raise ModelError(f"{origin.path}: cannot copy into the bundle ({exc})") from exc
+        names.append(TORCHSCRIPT_FILE)
+    return {name: _file_sha256(folder / name) for name in names}
+
+
+def _model_files(kind: str) -> tuple[str, ...]:
+    if kind == PYTHON:
+        return (LABELS_FILE, MODEL_SOURCE_FILE, WEIGHTS_FILE)
+    if kind == TORCHSCRIPT:
+        return (LABELS_FILE, TORCHSCRIPT_FILE)
+    raise ValueError(f"unknown model source {kind!r}")
+
+
+@dataclass(frozen=True)
+class _CustomIdentity:
+    """The manifest's record of a model from the user's files."""
+
+    kind: str
+    factory: str | None
+    preprocessing: Preprocessing
+    splits: list[str]
+
+
+def _custom_identity(identity: dict[str, Any]) -> _CustomIdentity:
+    """Parse it; ValueError, KeyError or TypeError when malformed (ModelError for values)."""
+    source = identity["source"]
+    kind = str(source["kind"])
+    _model_files(kind)
+    factory = source.get("factory")
+    if kind == PYTHON and not (isinstance(factory, str) and factory.isidentifier()):
+        raise ValueError(f"factory {factory!r} is not a Python name")
+    raw = identity["preprocessing"]
+    mean, std = tuple(float(v) for v in raw["mean"]), tuple(float(v) for v in raw["std"])
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError("preprocessing needs three means and three stds")
+    preprocessing = Preprocessing(int(raw["input_size"]), mean, std)
+    splits = identity["splits"]
+    if not isinstance(splits, list):
+        raise TypeError("splits is not a list")
+    return _CustomIdentity(kind, factory if kind == PYTHON else None, preprocessing, splits)
+
+
+def _custom_model(
+    folder: Path, name: str, custom: _CustomIdentity, files: dict[str, str]
+) -> StagedModel:
+    """Check the model's files against the manifest, then build the model from them."""
+    for file_name in _model_files(custom.kind):
+        file = folder / file_name
+        if file_name not in files or not file.is_file() or _file_sha256(file) != files[file_name]:
+            raise ModelError(f"{file}: missing or altered (sha256 differs from the manifest)")
+    labels = read_labels(folder / LABELS_FILE)
+    if custom.kind == PYTHON:
+        assert custom.factory is not None
+        source = folder / MODEL_SOURCE_FILE
+        module, text = build_python_module(source, custom.factory, in_bundle=True)
+        load_state(module, folder / WEIGHTS_FILE)
+        origin = ModelOrigin(PYTHON, source, custom.factory, text, module, custom.preprocessing)
+        weights = state_sha256(module)
+    else:
+        module = load_torchscript(folder / TORCHSCRIPT_FILE)
+        origin = ModelOrigin(
+            TORCHSCRIPT, folder / TORCHSCRIPT_FILE, None, b"", module, custom.preprocessing
+        )
+        weights = files[TORCHSCRIPT_FILE]
+    model = staged_model(module, origin, name, labels, weights)
+    found = [point.name for point in model.split_points()]
+    if found != custom.splits:
+        raise ModelError(
+            f"{folder}: this torch finds other split points in the model than the one that "
+            "prepared the bundle did; run `ccied prepare` again"
+        )
+    return model
+
+
 def load_bundle(folder: Path) -> Bundle:
     """Read and verify a bundle folder (ModelError for anything missing or altered)."""
     path = folder / MANIFEST_NAME
@@ -263,17 +393,20 @@ def load_bundle(folder: Path) -> Bundle:
         raise ModelError(f"{folder}: not a bundle folder ({exc})") from exc
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ModelError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+    custom: _CustomIdentity | None = None
     try:
         manifest = json.loads(raw)
         identity = manifest["identity"]
-        if identity["format"] != BUNDLE_FORMAT:
+        if identity["format"] not in (BUNDLE_FORMAT, CUSTOM_BUNDLE_FORMAT):
             raise ModelError(
                 f"{path}: bundle format {identity['format']}, expected {BUNDLE_FORMAT} "
-                "(made by another version of ccied: run `ccied prepare` again)"
+                f"or {CUSTOM_BUNDLE_FORMAT} (made by another version of ccied: run "
+                "`ccied prepare` again)"
             )
-        model = load_model(str(identity["model"]))
-        if identity["weights_sha256"] != model.spec.weights_sha256:
-            raise ModelError(f"{path}: prepared for other weights of {identity['model']}")
+        model_name = str(identity["model"])
+        weights_sha256 = identity["weights_sha256"]
+        if identity["format"] == CUSTOM_BUNDLE_FORMAT:
+            custom = _custom_identity(identity)
         measured = {str(v["name"]): v for v in manifest["variants_measured"]}
         variants = tuple(
             Variant(
@@ -297,10 +430,16 @@ def load_bundle(folder: Path) -> Bundle:
         # AttributeError: a field of the wrong JSON type ("files": []); OverflowError:
         # int(Infinity) or float(10**400); RecursionError: JSON nested too deep.
         raise ModelError(f"{path}: malformed manifest ({exc!r})") from exc
-    _check_variants(model, variants, default_variant)
-    model.split_point(cache_split)
     if _bundle_id(identity) != manifest.get("bundle_id"):
         raise ModelError(f"{path}: bundle id does not match its contents (edited by hand?)")
+    if custom is None:
+        model = load_model(model_name)
+    else:
+        model = _custom_model(folder, model_name, custom, files)
+    if weights_sha256 != model.spec.weights_sha256:
+        raise ModelError(f"{path}: prepared for other weights of {model_name}")
+    _check_variants(model, variants, default_variant)
+    model.split_point(cache_split)
     projections = {}
     for variant in variants:
         if variant.keep_ratio >= 1.0:
@@ -351,6 +490,11 @@ def open_bundle(model_or_folder: str) -> Bundle:
     folder = Path(model_or_folder).expanduser()
     if folder.is_dir():
         return load_bundle(folder)
+    if looks_like_file(model_or_folder):
+        raise ModelError(
+            f"{model_or_folder}: a model from a file is served from its bundle: "
+            f"`ccied prepare --model {model_or_folder} --out DIR`, then --model DIR"
+        )
     return builtin_bundle(model_or_folder)
 
 

@@ -1,25 +1,38 @@
 """``ccied prepare``: build a model bundle from real frames, and measure what it promises.
 
-1. Frames: every ``every``-th frame of the bundled clips; the first
-   ``fit_fraction`` of each clip fits the reductions and calibrates the cache,
+0. The model: a registered name, or the user's own (``FILE.py:FACTORY`` or a
+   TorchScript file, with its labels and preprocessing; its split points found
+   and checked by :mod:`ccied.pruning.staging`).
+1. Frames: every ``every``-th frame of the bundled clips, or of the videos in
+   the user's ``--frames`` folder, and every image there. The first
+   ``fit_fraction`` of each video fits the reductions and calibrates the cache,
    the rest (later in time, so neighbouring near-duplicates do not leak) is held
-   out to measure.
-2. Variants: the requested operating point (split, keep ratio, bits) plus the
-   built-in alternatives, so the planner can switch as the bandwidth moves. A
-   keep ratio under 1 fits a PCA reduction of the transfer layer
-   (:mod:`ccied.pruning.transfer`).
+   out to measure; of the images, three in five (in name order) fit and the
+   others are held out.
+2. Variants: the requested operating point (split, keep ratio, bits) plus
+   alternatives, so the planner can switch as the bandwidth moves: the built-in
+   ones for a registered model; for a model from a file, the same split at
+   fewer bits and raw, an earlier split, and the input as JPEG and lossless
+   WebP. Without a split, a model from a file is cut where its tensor is
+   smallest (between 10% and 95% of its compute). A keep ratio under 1 fits a
+   PCA reduction of the transfer layer (:mod:`ccied.pruning.transfer`).
 3. For each variant, on the held-out frames: codec bytes per frame and top-1
    agreement with the unpruned float32 model, through the real encode/decode.
 4. The cache's hit rule at each key depth (the input thumbnail, then the
    cache split), calibrated on the fit frames in stream order and checked on
    the held-out ones (:mod:`ccied.cache` is not imported here: pruning is a
    leaf; the caller passes the key and calibration functions).
-5. The bundle folder, with the figures in its manifest.
+5. The bundle folder, with the figures in its manifest: written to a temporary
+   folder beside ``out``, loaded back as a peer would load it, then renamed, so
+   a failure leaves no half-written bundle.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,20 +42,36 @@ import numpy as np
 import torch
 from ccied.pruning.bundle import (
     BUILTIN_VARIANTS,
+    MANIFEST_NAME,
     THUMBNAIL_KEY,
     THUMBNAIL_SIDE,
     Variant,
+    load_bundle,
     write_bundle,
 )
 from ccied.pruning.codec import CodecConfig, TensorCodec
-from ccied.pruning.defaults import DEFAULT_CACHE_SPLIT, DEFAULT_MODEL
+from ccied.pruning.custom import (
+    DEFAULT_INPUT_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    REGISTERED,
+    Preprocessing,
+    model_from_file,
+    parse_model_spec,
+)
+from ccied.pruning.defaults import DEFAULT_CACHE_SPLIT, DEFAULT_MODEL, DEFAULT_SPLIT
+from ccied.pruning.errors import MediaError, ModelError
 from ccied.pruning.media import (
+    ImageTooLargeError,
     bundled_clips,
     center_crop,
+    check_frame,
     decode_image,
     encode_jpeg,
     encode_lossless,
     iter_frames,
+    iter_video,
+    load_image,
     normalize,
     thumbnail,
 )
@@ -67,15 +96,42 @@ Calibrator = Callable[[str, Frames, Frames], dict[str, Any]]
 KeyFunction = Callable[[str, np.ndarray, np.ndarray], np.ndarray | None]
 
 
+# The registered model's operating point when none is given (defaults.py).
+DEFAULT_REGISTERED_BITS = 6
+# A model from a file: 8 bits kept every answer at every EfficientNet split measured
+# (DESIGN.md: 0.994-1.000 agreement), a safe start on a model nobody measured.
+DEFAULT_CUSTOM_BITS = 8
+# A model from a file is cut by default after its first 10% of compute (a cut
+# right after the input sends it nearly as it is: a grey copy is as small as the
+# tensor after two conv blocks) and before its last 5% (a cut after the global
+# pooling sends the least but leaves the tail nothing to do).
+MIN_DEFAULT_SPLIT_COMPUTE = 0.1
+MAX_DEFAULT_SPLIT_COMPUTE = 0.95
+# Its cache key is taken nearest this share of the compute (EfficientNet-Lite0's
+# blocks.4, 29.5%, keyed as well as blocks.11 at 69%: defaults.py).
+CACHE_KEY_COMPUTE = 0.3
+# At most this many frames from a --frames folder (each keeps its tensors in memory).
+DEFAULT_MAX_FRAMES = 2000
+# Of the images in a --frames folder, the first 3 of every 5 (in name order) fit.
+IMAGE_FIT_SLOTS = 3
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class PrepareConfig:
     model: str = DEFAULT_MODEL
-    split: str = "blocks.14"
+    split: str | None = None  # None: the registered default, or the smallest tensor
     keep_ratio: float = 1.0
-    bits: int | None = 4
+    bits: int | str | None = AUTO  # None: raw float32; AUTO: 6 registered, 8 from a file
     every: int = DEFAULT_EVERY
     fit_fraction: float = DEFAULT_FIT_FRACTION
-    cache_split: str = DEFAULT_CACHE_SPLIT
+    cache_split: str | None = None  # None: the registered default, or near 30% of compute
+    # A model from a file: class names, crop side and normalisation (mean, std).
+    labels: Path | None = None
+    input_size: int | None = None
+    normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+    frames: Path | None = None  # the user's images and videos; None: the bundled clips
+    max_frames: int = DEFAULT_MAX_FRAMES
 
 
 def variant_name(split: str, keep_ratio: float, bits: int | None) -> str:
@@ -89,7 +145,8 @@ class PrepareReport:
     folder: Path
     variants: list[dict[str, Any]]
     cache_rules: dict[str, dict[str, Any]]  # per key depth: rule, verdict, figures
-    frames: dict[str, int]
+    frames: dict[str, Any]
+    model: str = DEFAULT_MODEL
 
 
 def prepare_bundle(
@@ -99,26 +156,28 @@ def prepare_bundle(
     key_of: KeyFunction,
     progress: bool = True,
 ) -> PrepareReport:
-    """Build, measure and write a bundle; returns its id and figures."""
-    model = load_model(config.model)
-    chosen = Variant(
-        variant_name(config.split, config.keep_ratio, config.bits),
-        config.split,
-        config.keep_ratio,
-        config.bits,
-    )
-    variants = [chosen, *(v for v in BUILTIN_VARIANTS if v.name != chosen.name)]
-    split_index = {v.split: model.split_point(v.split).index for v in variants if not v.is_image}
-    cache_index = model.split_point(config.cache_split).index
+    """Build, measure and write a bundle; returns its id and figures.
 
-    frames: list[np.ndarray] = []
-    fit: list[bool] = []
-    for clip in bundled_clips():
-        clip_frames = [f.pixels for f in iter_frames(clip, every=config.every)]
-        cut = int(len(clip_frames) * config.fit_fraction)
-        frames += clip_frames
-        fit += [i < cut for i in range(len(clip_frames))]
-    fit_mask = np.array(fit)
+    ModelError or MediaError (one line each) for a model, labels file or
+    frames folder that will not do; nothing is left at ``out`` then.
+    """
+    model = load_for_prepare(config)
+    if model.origin is None:
+        chosen, variants = registered_variants(config)
+        cache_split = config.cache_split or DEFAULT_CACHE_SPLIT
+    else:
+        chosen, variants = custom_variants(model, config)
+        cache_split = config.cache_split or default_cache_split(model, chosen)
+    split_index = {v.split: model.split_point(v.split).index for v in variants if not v.is_image}
+    cache_point = model.split_point(cache_split)
+    if len(cache_point.output_shape) != 3:
+        raise ModelError(
+            f"cache split {cache_split} gives a flat tensor {cache_point.output_shape}; the "
+            "cache keys a (channels, height, width) tensor"
+        )
+    cache_index = cache_point.index
+
+    frames, fit_mask, source = calibration_frames(config)
 
     wanted = {*split_index.values(), cache_index}
     tensors: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
@@ -208,7 +267,7 @@ def prepare_bundle(
 
     confidence_array = np.array(confidences)
     calibration: dict[str, dict[str, Any]] = {}
-    for depth in (THUMBNAIL_KEY, config.cache_split):
+    for depth in (THUMBNAIL_KEY, cache_split):
         keys = [
             key_of(depth, small, tensor.numpy())
             for small, tensor in zip(thumbnails, tensors[cache_index], strict=True)
@@ -225,18 +284,261 @@ def prepare_bundle(
                 confidence_array[usable][held_rows],
             ),
         )
-    frames_info = {"fit": int(fit_mask.sum()), "held_out": len(held), "every": config.every}
-    bundle_id = write_bundle(
-        out,
-        model,
-        tuple(measured),
-        chosen.name,
-        projections,
-        cache_split=config.cache_split,
-        cache_rules={depth: figures["rule"] for depth, figures in calibration.items()},
-        figures={"frames": frames_info, "variants": rows, "cache": calibration},
+    frames_info: dict[str, Any] = {
+        "source": source,
+        "fit": int(fit_mask.sum()),
+        "held_out": len(held),
+        "every": config.every,
+    }
+
+    def write(folder: Path) -> str:
+        return write_bundle(
+            folder,
+            model,
+            tuple(measured),
+            chosen.name,
+            projections,
+            cache_split=cache_split,
+            cache_rules={depth: figures["rule"] for depth, figures in calibration.items()},
+            figures={"frames": frames_info, "variants": rows, "cache": calibration},
+        )
+
+    bundle_id = write_atomically(out, write)
+    return PrepareReport(bundle_id, out, rows, calibration, frames_info, model.spec.name)
+
+
+def load_for_prepare(config: PrepareConfig) -> StagedModel:
+    """The registered model, or the user's model built from its file, split and checked."""
+    source = parse_model_spec(config.model)
+    if source.kind == REGISTERED:
+        given = [
+            option
+            for option, value in (
+                ("--labels", config.labels),
+                ("--input-size", config.input_size),
+                ("--normalize", config.normalize),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ModelError(
+                f"{', '.join(given)}: for a model from a file; {config.model} brings its own"
+            )
+        return load_model(config.model)
+    mean, std = config.normalize or (IMAGENET_MEAN, IMAGENET_STD)
+    preprocessing = Preprocessing(config.input_size or DEFAULT_INPUT_SIZE, mean, std)
+    return model_from_file(source, preprocessing, config.labels)
+
+
+def open_model(
+    spec: str,
+    input_size: int | None = None,
+    normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None,
+) -> StagedModel:
+    """``ccied splits --model``: a bundle folder's model, a registered one, or one from a
+    file (``FILE.py:FACTORY`` or TorchScript), split and checked."""
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if input_size is not None or normalize is not None:
+            raise ModelError("--input-size and --normalize: a bundle folder brings its own")
+        return load_bundle(folder).model
+    return load_for_prepare(PrepareConfig(model=spec, input_size=input_size, normalize=normalize))
+
+
+def registered_variants(config: PrepareConfig) -> tuple[Variant, list[Variant]]:
+    """The operating point asked for (default blocks.11, 6 bits) and the built-in ones."""
+    split = config.split or DEFAULT_SPLIT
+    bits = DEFAULT_REGISTERED_BITS if config.bits == AUTO else config.bits
+    assert not isinstance(bits, str)
+    chosen = Variant(variant_name(split, config.keep_ratio, bits), split, config.keep_ratio, bits)
+    return chosen, [chosen, *(v for v in BUILTIN_VARIANTS if v.name != chosen.name)]
+
+
+def custom_variants(model: StagedModel, config: PrepareConfig) -> tuple[Variant, list[Variant]]:
+    """The operating point and alternatives for a model from a file.
+
+    Without a split: the smallest (channels, height, width) tensor between
+    10% and 95% of the compute, the earliest of equals. Alternatives: that split at 4
+    bits and raw, the smallest tensor at most halfway there at 8 bits, and the
+    input crop as a JPEG (q90) and a lossless WebP.
+    """
+    points = model.split_points()
+    spatial = [p for p in points if len(p.output_shape) == 3]
+    if config.split is None:
+        pool = [
+            p
+            for p in spatial
+            if MIN_DEFAULT_SPLIT_COMPUTE <= p.compute_fraction <= MAX_DEFAULT_SPLIT_COMPUTE
+        ]
+        pool = pool or spatial or points
+        point = min(pool, key=lambda p: (p.float32_bytes, p.index))
+    else:
+        point = model.split_point(config.split)
+    flat = len(point.output_shape) != 3
+    bits = (None if flat else DEFAULT_CUSTOM_BITS) if config.bits == AUTO else config.bits
+    assert not isinstance(bits, str)
+    if flat and (bits is not None or config.keep_ratio < 1.0):
+        raise ModelError(
+            f"split {point.name} gives a flat tensor {point.output_shape}: the codec and "
+            "--keep-ratio need (channels, height, width); use --bits 32 or another --split"
+        )
+    chosen = Variant(
+        variant_name(point.name, config.keep_ratio, bits), point.name, config.keep_ratio, bits
     )
-    return PrepareReport(bundle_id, out, rows, calibration, frames_info)
+    variants = [chosen]
+    for more_bits in (None,) if flat else (4, None):
+        name = variant_name(point.name, 1.0, more_bits)
+        variants.append(Variant(name, point.name, 1.0, more_bits))
+    earlier = [
+        p
+        for p in spatial
+        if p.index < point.index and p.compute_fraction <= point.compute_fraction / 2
+    ]
+    if earlier:
+        early = min(earlier, key=lambda p: (p.float32_bytes, p.index))
+        variants.append(Variant(variant_name(early.name, 1.0, 8), early.name, 1.0, 8))
+    variants += [
+        replace(v, agreement=None, bytes_per_frame=None) for v in BUILTIN_VARIANTS if v.is_image
+    ]
+    unique = {v.name: v for v in reversed(variants)}  # the first of equal names wins
+    return chosen, [unique[name] for name in dict.fromkeys(v.name for v in variants)]
+
+
+def default_cache_split(model: StagedModel, chosen: Variant) -> str:
+    """The (channels, height, width) split nearest 30% of the compute, on the way to the
+    default variant's split when there is one there."""
+    points = [p for p in model.split_points() if len(p.output_shape) == 3]
+    if not points:
+        raise ModelError("no split point gives a (channels, height, width) tensor to key the cache")
+    if not chosen.is_image:
+        limit = model.split_point(chosen.split).index
+        points = [p for p in points if p.index <= limit] or points
+    # Of equal shares, the later: the same compute, the tensor pooled or activated.
+    return min(points, key=lambda p: (abs(p.compute_fraction - CACHE_KEY_COMPUTE), -p.index)).name
+
+
+def calibration_frames(config: PrepareConfig) -> tuple[list[np.ndarray], np.ndarray, str]:
+    """The frames, which of them fit (the rest are held out), and where they came from."""
+    if config.frames is not None:
+        pixels, mask = folder_frames(
+            config.frames, config.every, config.fit_fraction, config.max_frames
+        )
+        return pixels, mask, str(config.frames)
+    frames: list[np.ndarray] = []
+    fit: list[bool] = []
+    for clip in bundled_clips():
+        clip_frames = [f.pixels for f in iter_frames(clip, every=config.every)]
+        cut = int(len(clip_frames) * config.fit_fraction)
+        frames += clip_frames
+        fit += [i < cut for i in range(len(clip_frames))]
+    return frames, np.array(fit), "bundled clips"
+
+
+def folder_frames(
+    folder: Path, every: int, fit_fraction: float, max_frames: int
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every image and every ``every``-th frame of every video under ``folder`` (name order,
+    hidden files left out), at most ``max_frames``, and which of them fit.
+
+    MediaError when nothing there decodes or too few frames do to both fit and check.
+    """
+    if not folder.is_dir():
+        raise MediaError(f"--frames {folder}: not a folder")
+    files = sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    images: list[np.ndarray] = []
+    videos: list[list[np.ndarray]] = []
+    skipped = 0
+    for path in files:
+        left = max_frames - len(images) - sum(len(v) for v in videos)
+        if left <= 0:
+            log.warning("--frames %s: used the first %d frames", folder, max_frames)
+            break
+        try:
+            pixels = load_image(path)
+            check_frame(pixels)
+            images.append(pixels)
+            continue
+        except ImageTooLargeError:  # an image all the same: never handed to FFmpeg
+            skipped += 1
+            continue
+        except MediaError:  # not a still image (or an odd size): maybe a video
+            pass
+        try:
+            clip = []
+            for frame in iter_video(path, every=every, limit=left):
+                check_frame(frame.pixels)
+                clip.append(frame.pixels)
+        except MediaError:  # neither: skipped, and counted
+            skipped += 1
+            continue
+        if clip:
+            videos.append(clip)
+        else:
+            skipped += 1
+    frames: list[np.ndarray] = []
+    fit: list[bool] = []
+    for clip in videos:
+        cut = int(len(clip) * fit_fraction)
+        frames += clip
+        fit += [i < cut for i in range(len(clip))]
+    frames += images
+    fit += [i % 5 < IMAGE_FIT_SLOTS for i in range(len(images))]
+    if not frames:
+        raise MediaError(f"--frames {folder}: no decodable image or video among {len(files)} files")
+    if skipped:
+        log.warning(
+            "--frames %s: %d files skipped (not a readable image or video)", folder, skipped
+        )
+    mask = np.array(fit)
+    if mask.all() or not mask.any():
+        raise MediaError(
+            f"--frames {folder}: {len(frames)} frames decoded; too few to keep calibration and "
+            "evaluation apart (give at least 2 images, or a longer video)"
+        )
+    return frames, mask
+
+
+def write_atomically(out: Path, write: Callable[[Path], str]) -> str:
+    """``write`` a bundle into a new folder beside ``out``, load it back as a peer would,
+    then rename it to ``out`` (replacing a bundle there). Returns the bundle id.
+
+    An existing ``out`` must be an empty folder or a bundle; on any failure the
+    temporary folder is removed and ``out`` is as it was.
+    """
+    out = out.expanduser()
+    if out.exists() and not (
+        out.is_dir() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir()))
+    ):
+        raise ModelError(f"--out {out}: exists and is not a bundle folder")
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        temporary = parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        temporary.mkdir()
+    except OSError as exc:
+        raise ModelError(f"--out {out}: cannot write there ({exc})") from exc
+    try:
+        bundle_id = write(temporary)
+        load_bundle(temporary)  # self-contained and verified, or an error here
+        if out.exists():
+            previous = parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            out.rename(previous)
+            temporary.rename(out)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            temporary.rename(out)
+    except OSError as exc:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise ModelError(f"--out {out}: cannot write the bundle ({exc})") from exc
+    except BaseException:  # any error, Ctrl-C included: leave nothing half-written
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return bundle_id
 
 
 def _measure_image(
@@ -260,7 +562,7 @@ def _measure_image(
 
 
 def print_report(report: PrepareReport, write: Callable[[str], Any] = print) -> None:
-    write(f"bundle {report.bundle_id} written to {report.folder}")
+    write(f"bundle {report.bundle_id} of {report.model} written to {report.folder}")
     write(f"frames: {report.frames}")
     write(f"{'variant':<22} {'bytes':>8} {'x fp32':>7} {'agreement':>9}")
     for row in report.variants:
