@@ -1,0 +1,166 @@
+"""Recovered transfer layers: bytes on the wire against decisive and overall agreement.
+
+For each split x channels x bits it trains a layer by distillation
+(:mod:`ccied.pruning.recover`) on the first 60% of each bundled clip and six
+scikit-image photos (strongly augmented copies), then measures on held-out frames
+(the last 40% of each clip, and a stream of five other photos no training frame
+comes from): the median codec payload, its ratio to the float32 tensor and to a
+JPEG q90 of the 224x224 frame, and top-1 agreement with the unpruned float32
+model on decisive frames (its top-1 probability >= 0.5) and on all frames.
+Beside each recovered layer: the same PCA layer untrained, and the codec on every
+channel (no reduction).
+
+Run: ``python -m ccied.bench.recovery [--quick] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ccied.bench.transfer import _jpeg_bytes
+from ccied.pruning import load_model
+from ccied.pruning.codec import CodecConfig
+from ccied.pruning.recover import (
+    RecoveryConfig,
+    distillation_set,
+    measure,
+    recover,
+    recovery_frames,
+)
+from ccied.pruning.transfer import fit_projection_from_activations
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPLITS = ("blocks.11", "blocks.14")
+DEFAULT_CHANNELS = (16, 32, 48)
+DEFAULT_BITS = (4, 2)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the recovery benchmark."""
+    parser.add_argument("--quick", action="store_true", help="one split, fewer steps")
+    parser.add_argument("--splits", nargs="+", default=None)
+    parser.add_argument("--channels", nargs="+", type=int, default=None)
+    parser.add_argument("--bits", nargs="+", type=int, default=None, choices=(8, 6, 4, 2))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--augmentations", type=int, default=4)
+    parser.add_argument("--every", type=int, default=1, help="use every N-th clip frame")
+    parser.add_argument("--json", type=Path, default=None)
+
+
+def _row(kind: str, split: str, k: int, bits: int, m: Any, jpeg: float) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "split": split,
+        "channels": k,
+        "bits": bits,
+        **{key: value for key, value in asdict(m).items() if key != "float32_bytes"},
+        "ratio_float32": m.ratio_float32,
+        "ratio_jpeg": m.bytes_per_frame / jpeg,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and measure every variant; print a table, write JSON; 0 on success."""
+    started = time.perf_counter()
+    splits = args.splits or (("blocks.11",) if args.quick else DEFAULT_SPLITS)
+    channel_list = args.channels or ((32,) if args.quick else DEFAULT_CHANNELS)
+    bits_list = args.bits or ((4,) if args.quick else DEFAULT_BITS)
+    steps = args.steps or (200 if args.quick else RecoveryConfig().steps)
+    model = load_model()
+    frames = recovery_frames(every=args.every)
+    size = model.spec.input_size
+    jpeg = {
+        "clips": float(np.median([_jpeg_bytes(p, size) for p in frames.held_out])),
+        "photos": float(np.median([_jpeg_bytes(p, size) for p in frames.held_out_photos])),
+    }
+    log.info(
+        "%d training frames (x%d augmented), %d held-out clip frames, %d held-out photo views",
+        len(frames.train),
+        args.augmentations + 1,
+        len(frames.held_out),
+        len(frames.held_out_photos),
+    )
+    rows: list[dict[str, Any]] = []
+    timings: dict[str, float] = {}
+    for split in splits:
+        t0 = time.perf_counter()
+        train = distillation_set(model, split, frames.train, augmentations=args.augmentations)
+        held = {
+            "clips": distillation_set(model, split, frames.held_out, augmentations=0),
+            "photos": distillation_set(model, split, frames.held_out_photos, augmentations=0),
+        }
+        timings[f"{split} activations_s"] = time.perf_counter() - t0
+        for bits in bits_list:
+            for name, data in held.items():
+                m = measure(model, None, data, CodecConfig(bits=bits))
+                rows.append(
+                    _row(f"full/{name}", split, data.activations.shape[1], bits, m, jpeg[name])
+                )
+        for k in channel_list:
+            pca = fit_projection_from_activations(
+                split, train.activations, k / train.activations.shape[1], "pca"
+            )
+            for bits in bits_list:
+                config = RecoveryConfig(split=split, channels=k, bits=bits, steps=steps)
+                t0 = time.perf_counter()
+                result = recover(model, train, config)
+                timings[f"{split} k={k} {bits}b train_s"] = time.perf_counter() - t0
+                for name, data in held.items():
+                    m = measure(model, pca, data, config.codec)
+                    rows.append(_row(f"pca/{name}", split, k, bits, m, jpeg[name]))
+                    m = measure(model, result.projection, data, config.codec)
+                    rows.append(_row(f"recovered/{name}", split, k, bits, m, jpeg[name]))
+                log.info("loss %.4f -> %.4f", result.losses[0], np.mean(result.losses[-20:]))
+    result_json = {
+        "machine": f"CPU, {torch.get_num_threads()} threads",
+        "frames": {
+            "train": len(frames.train),
+            "augmentations": args.augmentations,
+            "held_out_clips": len(frames.held_out),
+            "held_out_photos": len(frames.held_out_photos),
+        },
+        "steps": steps,
+        "jpeg_q90_bytes": jpeg,
+        "timings_s": timings,
+        "total_s": time.perf_counter() - started,
+        "variants": rows,
+    }
+    _print_table(result_json)
+    if args.json:
+        args.json.write_text(json.dumps(result_json, indent=2))
+    return 0
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    print(f"JPEG q90 of the 224x224 frame (median): {result['jpeg_q90_bytes']}")
+    print(
+        f"{'kind':>17} {'split':>10} {'k':>4} {'bits':>4} {'bytes':>7} {'xfp32':>6}"
+        f" {'/jpeg':>6} {'decisive':>8} {'all':>6} {'n_dec/n':>9}"
+    )
+    for v in result["variants"]:
+        print(
+            f"{v['kind']:>17} {v['split']:>10} {v['channels']:>4} {v['bits']:>4}"
+            f" {v['bytes_per_frame']:>7.0f} {v['ratio_float32']:>6.1f} {v['ratio_jpeg']:>6.2f}"
+            f" {v['agreement_decisive']:>8.3f} {v['agreement_all']:>6.3f}"
+            f" {v['decisive_frames']:>4}/{v['frames']:<4}"
+        )
+    print("timings:", json.dumps({k: round(v, 1) for k, v in result["timings_s"].items()}))
+    print(f"total: {result['total_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(2)
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(cli)
+    sys.exit(run(cli.parse_args()))

@@ -1,0 +1,123 @@
+"""A transfer layer recovered by distillation, on the real model and a real clip (tiny settings)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ccied.pruning import StagedModel, find_clip, iter_frames
+from ccied.pruning.codec import CodecConfig, TensorCodec
+from ccied.pruning.errors import CodecError, ModelError
+from ccied.pruning.recover import (
+    METHOD,
+    Bottleneck,
+    DistillationSet,
+    RecoveryConfig,
+    codec_quantize,
+    distillation_set,
+    measure,
+    recover,
+)
+from ccied.pruning.transfer import TransferProjection, reduced_split
+
+# blocks.14: the shortest tail of the 192-channel splits, so a training step is cheap.
+SPLIT = "blocks.14"
+
+
+@pytest.fixture(scope="module")
+def sets(model: StagedModel) -> tuple[DistillationSet, DistillationSet]:
+    """Every 6th carphone frame: the first 12 (and 2 augmented copies each) train, 8 held out."""
+    frames = [f.pixels for f in iter_frames(find_clip("carphone_pristine.mp4"), every=6)]
+    train = distillation_set(model, SPLIT, frames[:12], augmentations=2)
+    held = distillation_set(model, SPLIT, frames[12:], augmentations=0)
+    return train, held
+
+
+def test_distillation_reduces_loss_and_beats_pca_on_held_out(
+    model: StagedModel, sets: tuple[DistillationSet, DistillationSet]
+) -> None:
+    train, held = sets
+    config = RecoveryConfig(split=SPLIT, channels=8, bits=4, steps=40, batch_size=16)
+    result = recover(model, train, config, progress=False)
+    assert result.projection.method == METHOD
+    assert result.projection.kept == 8
+    assert np.mean(result.losses[-5:]) < 0.7 * np.mean(result.losses[:5])
+    untrained = recover(model, train, RecoveryConfig(split=SPLIT, channels=8, steps=0), False)
+    before = measure(model, untrained.projection, held, config.codec)
+    after = measure(model, result.projection, held, config.codec)
+    # Held-out frames: the unpruned model's answers are closer after training.
+    assert after.kl_divergence < before.kl_divergence
+    assert after.agreement_all >= before.agreement_all
+    # 8 of 192 channels at 4 bits: far under the float32 tensor.
+    assert after.bytes_per_frame < after.float32_bytes / 24
+    assert after.ratio_float32 > 24
+
+
+def test_recovered_layer_is_a_projection_a_bundle_stores(
+    model: StagedModel, sets: tuple[DistillationSet, DistillationSet]
+) -> None:
+    train, held = sets
+    config = RecoveryConfig(split=SPLIT, channels=8, steps=3, batch_size=8)
+    projection = recover(model, train, config, progress=False).projection
+    restored = TransferProjection.from_state(SPLIT, METHOD, projection.state())
+    head, tail = reduced_split(model, restored)
+    y = held.activations[:2]
+    with torch.inference_mode():
+        # head[-1] is the encoder convolution the peer appends to the model's head.
+        through_convs = tail(head[-1](y))
+        through_bottleneck = model.split(SPLIT)[1](Bottleneck(projection)(y))
+    torch.testing.assert_close(through_convs, through_bottleneck, rtol=1e-4, atol=1e-4)
+
+
+def test_full_codec_measurement_counts_decisive_frames(
+    model: StagedModel, sets: tuple[DistillationSet, DistillationSet]
+) -> None:
+    _, held = sets
+    m = measure(model, None, held, CodecConfig(bits=8))
+    assert m.frames == 8
+    assert 0 <= m.decisive_frames <= m.frames
+    assert m.agreement_all == pytest.approx(1.0)
+    assert m.kl_divergence < 1e-2
+
+
+def test_divergence_names_the_setting(
+    model: StagedModel, sets: tuple[DistillationSet, DistillationSet]
+) -> None:
+    train, _ = sets
+    config = RecoveryConfig(split=SPLIT, channels=8, steps=20, batch_size=8, learning_rate=1e4)
+    with pytest.raises(ModelError, match="learning_rate"):
+        recover(model, train, config, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [({"bits": 3}, CodecError), ({"channels": 0}, ModelError), ({"temperature": 0.0}, ModelError)],
+)
+def test_bad_settings_are_refused(kwargs: dict[str, float], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        RecoveryConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_split_mismatch_is_refused(
+    model: StagedModel, sets: tuple[DistillationSet, DistillationSet]
+) -> None:
+    train, _ = sets
+    with pytest.raises(ModelError, match="distillation set"):
+        recover(model, train, RecoveryConfig(split="blocks.11", steps=1), progress=False)
+
+
+@pytest.mark.parametrize(("bits", "clip_sigma"), [(2, 0.0), (4, 0.0), (4, 3.0), (6, 0.0)])
+def test_training_quantizer_matches_the_codec(bits: int, clip_sigma: float) -> None:
+    generator = torch.Generator().manual_seed(bits)
+    z = torch.randn(1, 16, 7, 7, generator=generator) * torch.linspace(0.1, 5.0, 16)[:, None, None]
+    config = CodecConfig(bits=bits, clip_sigma=clip_sigma)
+    decoded = TensorCodec(config).decode(TensorCodec(config).encode(z.numpy()))
+    step = (z.amax((2, 3)) - z.amin((2, 3))).max() / ((1 << bits) - 1)
+    diff = (codec_quantize(z, config) - torch.from_numpy(decoded)).abs()
+    # Equal up to the codec's float16 scales and offsets, which move a rare value
+    # across a rounding boundary: never more than one step, almost always far less.
+    assert float(diff.max()) <= 1.01 * float(step)
+    assert float((diff > 0.05 * step).float().mean()) < 0.02
+    z.requires_grad_(True)
+    codec_quantize(z, config).sum().backward()  # type: ignore[no-untyped-call]
+    assert z.grad is not None and bool((z.grad == 1).all())  # straight through
