@@ -39,10 +39,12 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from ccied.pruning.bundle import BUILTIN_VARIANTS, DEFAULT_VARIANT, Variant, write_bundle
 from ccied.pruning.codec import CodecConfig, TensorCodec
 from ccied.pruning.defaults import DEFAULT_SPLIT
 from ccied.pruning.errors import ModelError
@@ -433,4 +435,49 @@ def measure(
         agreement_decisive=float(agree[decisive].mean()) if bool(decisive.any()) else 1.0,
         agreement_all=float(agree.mean()),
         kl_divergence=float(distillation_loss(student_logits, held_out.logits, 1.0)),
+    )
+
+
+def recovered_variant(projection: TransferProjection, bits: int, held_out: Measurement) -> Variant:
+    """The bundle variant of a recovered layer, with its held-out figures.
+
+    ``agreement`` is the agreement on all frames: the planner's floor counts every
+    frame today (the decisive figure goes in the bundle's ``figures``).
+    """
+    return Variant(
+        f"{projection.split}-k{projection.kept}-b{bits}-{METHOD}",
+        projection.split,
+        keep_ratio=projection.kept / projection.channels,
+        bits=bits,
+        agreement=held_out.agreement_all,
+        bytes_per_frame=held_out.bytes_per_frame,
+    )
+
+
+def write_recovered_bundle(
+    folder: Path,
+    model: StagedModel,
+    recovered: Sequence[tuple[TransferProjection, int, Measurement]],
+) -> str:
+    """A bundle of the built-in variants plus recovered layers (projection, bits, figures).
+
+    Each layer is stored as ``projection-<variant>.npz`` and covered by the bundle id
+    like a PCA one, so peers with different recovered layers never mix; ``ccied peer
+    --model FOLDER`` serves it. Returns the bundle id.
+    """
+    variants = list(BUILTIN_VARIANTS)
+    projections: dict[str, TransferProjection] = {}
+    figures: dict[str, dict[str, float | int]] = {}
+    for projection, bits, measurement in recovered:
+        variant = recovered_variant(projection, bits, measurement)
+        variants.append(variant)
+        projections[variant.name] = projection
+        figures[variant.name] = asdict(measurement)
+    return write_bundle(
+        folder,
+        model,
+        tuple(variants),
+        DEFAULT_VARIANT,
+        projections,
+        figures={"recovered": figures},
     )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from ccied.pruning import StagedModel, find_clip, iter_frames
+from ccied.pruning.bundle import load_bundle
 from ccied.pruning.codec import CodecConfig, TensorCodec
 from ccied.pruning.errors import CodecError, ModelError
 from ccied.pruning.recover import (
@@ -17,6 +20,7 @@ from ccied.pruning.recover import (
     distillation_set,
     measure,
     recover,
+    write_recovered_bundle,
 )
 from ccied.pruning.transfer import TransferProjection, reduced_split
 
@@ -121,3 +125,49 @@ def test_training_quantizer_matches_the_codec(bits: int, clip_sigma: float) -> N
     z.requires_grad_(True)
     codec_quantize(z, config).sum().backward()  # type: ignore[no-untyped-call]
     assert z.grad is not None and bool((z.grad == 1).all())  # straight through
+
+
+def test_a_recovered_bundle_is_served_through_the_projection_path(
+    model: StagedModel, sets: tuple[DistillationSet, DistillationSet], tmp_path: Path
+) -> None:
+    from ccied.peer.payloads import variant_runtime
+
+    train, held = sets
+    config = RecoveryConfig(split=SPLIT, channels=8, bits=4, steps=3, batch_size=8)
+    projection = recover(model, train, config, progress=False).projection
+    measured = measure(model, projection, held, config.codec)
+    bundle_id = write_recovered_bundle(tmp_path, model, [(projection, 4, measured)])
+    bundle = load_bundle(tmp_path)
+    assert bundle.bundle_id == bundle_id
+    variant = bundle.variant(f"{SPLIT}-k8-b4-{METHOD}")
+    assert variant.agreement == measured.agreement_all
+    assert bundle.figures["recovered"][variant.name]["agreement_decisive"] == (
+        measured.agreement_decisive
+    )
+    stored = bundle.projections[variant.name]
+    assert stored.method == METHOD
+    np.testing.assert_array_equal(stored.encoder, projection.encoder)
+    # The peer's runtime: encoder conv, the codec, decoder conv, the model's tail.
+    runtime = variant_runtime(bundle, variant, torch.device("cpu"))
+    assert runtime.encode is not None and runtime.decode is not None
+    assert runtime.codec is not None and runtime.wire_shape[1] == 8
+    y = held.activations[:1]
+    with torch.inference_mode():
+        payload = runtime.codec.encode(runtime.encode(y).numpy())
+        logits = model.split(SPLIT)[1](
+            runtime.decode(torch.from_numpy(runtime.codec.decode(payload)))
+        )
+        trained = model.split(SPLIT)[1](Bottleneck(projection)(y, config.codec))
+    assert len(payload) < 37_632 / 24  # the float32 tensor at blocks.14 is 37,632 bytes
+    # What the peer computes is what recovery trained and measured.
+    assert int(logits.argmax()) == int(trained.argmax())
+    # Another recovered layer is another bundle: peers on the two never mix tensors.
+    other = TransferProjection.from_state(
+        SPLIT, METHOD, {**projection.state(), "decoder": projection.decoder * 1.01}
+    )
+    assert write_recovered_bundle(tmp_path / "b", model, [(other, 4, measured)]) != bundle_id
+    (tmp_path / f"projection-{variant.name}.npz").write_bytes(
+        (tmp_path / "b" / f"projection-{variant.name}.npz").read_bytes()
+    )
+    with pytest.raises(ModelError):
+        load_bundle(tmp_path)
