@@ -30,13 +30,15 @@ from ccied.bench.transfer import _jpeg_bytes
 from ccied.pruning import load_model
 from ccied.pruning.codec import CodecConfig
 from ccied.pruning.recover import (
+    Measurement,
     RecoveryConfig,
     distillation_set,
     measure,
     recover,
     recovery_frames,
+    write_recovered_bundle,
 )
-from ccied.pruning.transfer import fit_projection_from_activations
+from ccied.pruning.transfer import TransferProjection, fit_projection_from_activations
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", nargs="+", default=None)
     parser.add_argument("--channels", nargs="+", type=int, default=None)
     parser.add_argument("--bits", nargs="+", type=int, default=None, choices=(8, 6, 4, 2))
+    parser.add_argument(
+        "--points", nargs="+", default=None, help="KxBITS pairs instead of channels x bits"
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--augmentations", type=int, default=4)
     parser.add_argument("--every", type=int, default=1, help="use every N-th clip frame")
+    parser.add_argument(
+        "--train-every", type=int, default=2, help="of those, train on every N-th (default 2)"
+    )
+    parser.add_argument(
+        "--bundle", type=Path, default=None, help="write a bundle with the recovered variants"
+    )
     parser.add_argument("--json", type=Path, default=None)
 
 
@@ -77,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     bits_list = args.bits or ((4,) if args.quick else DEFAULT_BITS)
     steps = args.steps or (200 if args.quick else RecoveryConfig().steps)
     model = load_model()
-    frames = recovery_frames(every=args.every)
+    frames = recovery_frames(every=args.every, train_every=args.train_every)
     size = model.spec.input_size
     jpeg = {
         "clips": float(np.median([_jpeg_bytes(p, size) for p in frames.held_out])),
@@ -90,7 +101,11 @@ def run(args: argparse.Namespace) -> int:
         len(frames.held_out),
         len(frames.held_out_photos),
     )
+    points = [(k, bits) for k in channel_list for bits in bits_list]
+    if args.points:
+        points = [(int(p.split("x")[0]), int(p.split("x")[1])) for p in args.points]
     rows: list[dict[str, Any]] = []
+    recovered: list[tuple[TransferProjection, int, Measurement]] = []
     timings: dict[str, float] = {}
     for split in splits:
         t0 = time.perf_counter()
@@ -100,27 +115,28 @@ def run(args: argparse.Namespace) -> int:
             "photos": distillation_set(model, split, frames.held_out_photos, augmentations=0),
         }
         timings[f"{split} activations_s"] = time.perf_counter() - t0
-        for bits in bits_list:
+        for bits in sorted({b for _, b in points}):
             for name, data in held.items():
                 m = measure(model, None, data, CodecConfig(bits=bits))
                 rows.append(
                     _row(f"full/{name}", split, data.activations.shape[1], bits, m, jpeg[name])
                 )
-        for k in channel_list:
+        for k, bits in points:
             pca = fit_projection_from_activations(
                 split, train.activations, k / train.activations.shape[1], "pca"
             )
-            for bits in bits_list:
-                config = RecoveryConfig(split=split, channels=k, bits=bits, steps=steps)
-                t0 = time.perf_counter()
-                result = recover(model, train, config)
-                timings[f"{split} k={k} {bits}b train_s"] = time.perf_counter() - t0
-                for name, data in held.items():
-                    m = measure(model, pca, data, config.codec)
-                    rows.append(_row(f"pca/{name}", split, k, bits, m, jpeg[name]))
-                    m = measure(model, result.projection, data, config.codec)
-                    rows.append(_row(f"recovered/{name}", split, k, bits, m, jpeg[name]))
-                log.info("loss %.4f -> %.4f", result.losses[0], np.mean(result.losses[-20:]))
+            config = RecoveryConfig(split=split, channels=k, bits=bits, steps=steps)
+            t0 = time.perf_counter()
+            result = recover(model, train, config)
+            timings[f"{split} k={k} {bits}b train_s"] = time.perf_counter() - t0
+            for name, data in held.items():
+                m = measure(model, pca, data, config.codec)
+                rows.append(_row(f"pca/{name}", split, k, bits, m, jpeg[name]))
+                m = measure(model, result.projection, data, config.codec)
+                rows.append(_row(f"recovered/{name}", split, k, bits, m, jpeg[name]))
+                if name == "clips":
+                    recovered.append((result.projection, bits, m))
+            log.info("loss %.4f -> %.4f", result.losses[0], np.mean(result.losses[-20:]))
     result_json = {
         "machine": f"CPU, {torch.get_num_threads()} threads",
         "frames": {
@@ -135,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         "total_s": time.perf_counter() - started,
         "variants": rows,
     }
+    if args.bundle:
+        result_json["bundle_id"] = write_recovered_bundle(args.bundle, model, recovered)
     _print_table(result_json)
     if args.json:
         args.json.write_text(json.dumps(result_json, indent=2))
@@ -156,6 +174,8 @@ def _print_table(result: dict[str, Any]) -> None:
         )
     print("timings:", json.dumps({k: round(v, 1) for k, v in result["timings_s"].items()}))
     print(f"total: {result['total_s']:.0f} s")
+    if "bundle_id" in result:
+        print("bundle:", result["bundle_id"])
 
 
 if __name__ == "__main__":

@@ -184,18 +184,20 @@ def _photo_views(pixels: np.ndarray, count: int) -> list[np.ndarray]:
     return views
 
 
-def recovery_frames(every: int = 1, photo_views: int = 4) -> RecoveryFrames:
+def recovery_frames(every: int = 1, photo_views: int = 4, train_every: int = 1) -> RecoveryFrames:
     """The bundled clips (first 60% train, last 40% held out) and scikit-image photos.
 
     Neighbouring video frames are near duplicates, so the clips are split in time, not
     at random; the held-out photos are a stream none of the training frames come from.
+    ``train_every``: keep every N-th training frame of a clip (its augmented copies
+    differ more than neighbouring frames do).
     """
     train: list[np.ndarray] = []
     held_out: list[np.ndarray] = []
     for clip in bundled_clips():
         frames = [f.pixels for f in iter_frames(clip, every=every)]
         cut = int(TRAIN_FRACTION * len(frames))
-        train += frames[:cut]
+        train += frames[:cut:train_every]
         held_out += frames[cut:]
     for name in TRAIN_PHOTOS:
         for photo in _photo(name):
