@@ -31,6 +31,7 @@ import torch
 from ccied.pruning import bundled_clips, iter_frames, load_model, preprocess
 from ccied.pruning.codec import CodecConfig, TensorCodec
 from ccied.pruning.media import CENTER_CROP_FRACTION
+from ccied.pruning.recover import DECISIVE_PROBABILITY
 from ccied.pruning.transfer import (
     augment,
     fit_projection_from_activations,
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     fit_acts: dict[str, list[torch.Tensor]] = {s: [] for s in splits}
     eval_acts: dict[str, list[torch.Tensor]] = {s: [] for s in splits}
     reference: list[torch.Tensor] = []
+    confidence: list[torch.Tensor] = []
     generator = torch.Generator().manual_seed(0)
     progress = tqdm(total=0, desc="transfer", unit="step", file=sys.stderr)
     batches = [(False, 0), *[(True, c) for c in range(AUGMENTATIONS + 1)]]
@@ -140,9 +142,13 @@ def run(args: argparse.Namespace) -> int:
                     if index in indices:
                         (fit_acts if is_fit else eval_acts)[indices[index]].append(x)
                 if not is_fit:
-                    reference.append(x.argmax(1))
+                    top = torch.softmax(x, 1).max(1)
+                    reference.append(top.indices)
+                    confidence.append(top.values)
             progress.update()
     ref = torch.cat(reference).numpy()
+    # Decisive frames: the unpruned model's top-1 probability is at least 0.5.
+    decisive = torch.cat(confidence).numpy() >= DECISIVE_PROBABILITY
     held_clip = clip_of[held_out]
     variants: list[dict[str, Any]] = []
     plan = [(s, k, "pca") for s in splits for k in keep_ratios]
@@ -184,6 +190,11 @@ def run(args: argparse.Namespace) -> int:
                         "ratio_fp32": point.float32_bytes / size,
                         "ratio_jpeg": size / jpeg_median,
                         "agreement": float(agree.mean()),
+                        "agreement_all": float(agree.mean()),
+                        "agreement_decisive": float(agree[decisive].mean())
+                        if decisive.any()
+                        else 1.0,
+                        "decisive_frames": int(decisive.sum()),
                         "agreement_per_clip": {
                             name: float(agree[held_clip == i].mean())
                             for i, name in enumerate(names)
@@ -221,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
             "fp32_bytes": operating["fp32_bytes"],
             "jpeg_q90_bytes": jpeg_median,
             "agreement": operating["agreement"],
+            "agreement_all": operating["agreement_all"],
+            "agreement_decisive": operating["agreement_decisive"],
             "agreement_per_clip": operating["agreement_per_clip"],
         }
     if not args.no_fashion:
@@ -245,14 +258,15 @@ def _print_table(result: dict[str, Any]) -> None:
     print(f"JPEG q90 of the 224x224 frame: {result['jpeg_q90_bytes']:.0f} B (median)")
     print(
         f"{'split':>10} {'keep':>5} {'meth':>8} {'k':>4} {'bits':>4} {'quant':>6} {'bytes':>7}"
-        f" {'xfp32':>6} {'/jpeg':>6} {'agree':>6}  per clip   head/tail/enc/dec ms"
+        f" {'xfp32':>6} {'/jpeg':>6} {'agree':>6} {'decis':>6}  per clip   head/tail/enc/dec ms"
     )
     for v in result["variants"]:
         clips = " ".join(f"{a:.3f}" for a in v["agreement_per_clip"].values())
         print(
             f"{v['split']:>10} {v['keep_ratio']:>5.2f} {v['method']:>8} {v['channels']:>4}"
             f" {v['bits']:>4} {v['quantizer']:>6} {v['bytes_per_frame']:>7.0f}"
-            f" {v['ratio_fp32']:>6.1f} {v['ratio_jpeg']:>6.2f} {v['agreement']:>6.3f}  {clips}"
+            f" {v['ratio_fp32']:>6.1f} {v['ratio_jpeg']:>6.2f} {v['agreement']:>6.3f}"
+            f" {v['agreement_decisive']:>6.3f}  {clips}"
             f"  {v['head_ms']:.1f}/{v['tail_ms']:.1f}/{v['encode_ms']:.3f}/{v['decode_ms']:.3f}"
         )
     if result.get("operating_point"):
