@@ -43,8 +43,8 @@ from ccied.pruning.transfer import TransferProjection, fit_projection_from_activ
 log = logging.getLogger(__name__)
 
 DEFAULT_SPLITS = ("blocks.11", "blocks.14")
-DEFAULT_CHANNELS = (16, 32, 48)
-DEFAULT_BITS = (4, 2)
+DEFAULT_CHANNELS = (64, 96)
+DEFAULT_BITS = (2,)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     """Train and measure every variant; print a table, write JSON; 0 on success."""
     started = time.perf_counter()
     splits = args.splits or (("blocks.11",) if args.quick else DEFAULT_SPLITS)
-    channel_list = args.channels or ((32,) if args.quick else DEFAULT_CHANNELS)
-    bits_list = args.bits or ((4,) if args.quick else DEFAULT_BITS)
+    channel_list = args.channels or ((96,) if args.quick else DEFAULT_CHANNELS)
+    bits_list = args.bits or DEFAULT_BITS
     steps = args.steps or (200 if args.quick else RecoveryConfig().steps)
     model = load_model()
     frames = recovery_frames(every=args.every, train_every=args.train_every)

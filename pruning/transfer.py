@@ -38,7 +38,8 @@ and makes the channels decorrelated and variance-ordered, so an equal quantizati
 step across channels (codec ``shared_scale``) spends bits where the variance is.
 A 1x1 convolution also tried here, fine-tuning the tail by distillation on the
 calibration frames, overfit them (held-out agreement fell while the training loss
-fell) and is not used.
+fell) and is not used; :mod:`ccied.pruning.recover` trains E, D and the mean
+instead (the tail frozen), by distillation with the codec in the loop.
 """
 
 from __future__ import annotations
