@@ -171,3 +171,24 @@ def test_a_recovered_bundle_is_served_through_the_projection_path(
     )
     with pytest.raises(ModelError):
         load_bundle(tmp_path)
+
+
+def test_training_and_held_out_frames_are_kept_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ccied.pruning.recover as recover_module
+
+    # The photos held out are a stream no training frame comes from.
+    assert not set(recover_module.TRAIN_PHOTOS) & set(recover_module.HELD_OUT_PHOTOS)
+    clip = find_clip("carphone_pristine.mp4")
+    monkeypatch.setattr(recover_module, "bundled_clips", lambda: [clip])
+    monkeypatch.setattr(recover_module, "TRAIN_PHOTOS", ("coffee",))
+    monkeypatch.setattr(recover_module, "HELD_OUT_PHOTOS", ("chelsea",))
+    frames = recover_module.recovery_frames(every=6, photo_views=2, train_every=2)
+    clip_frames = [f.pixels for f in iter_frames(clip, every=6)]
+    cut = int(recover_module.TRAIN_FRACTION * len(clip_frames))
+    # The clip splits in time: training frames come first, the held-out ones later.
+    assert len(frames.held_out) == len(clip_frames) - cut
+    assert np.array_equal(frames.held_out[0], clip_frames[cut])
+    assert len(frames.train) == len(clip_frames[:cut:2]) + 2  # and two views of one photo
+    assert len(frames.held_out_photos) == 2
+    held = frames.held_out + frames.held_out_photos
+    assert not any(t.shape == h.shape and np.array_equal(t, h) for t in frames.train for h in held)
