@@ -18,7 +18,7 @@ Every setting (concurrency x batching) warms up, then measures for a fixed time:
   after the window;
 * whether each answer's label equals the frame's tail run alone (batch 1).
 
-With batching is the cloud's default (``--batch-window-ms 2 --max-batch 32``);
+With batching is the cloud's default (``--max-batch 32``; a 2 ms window on a GPU only);
 without is ``--max-batch 1``. The two clouds run side by side (the idle one
 waits on its sockets) with torch's own thread count, as ``ccied peer`` does; each
 round measures every concurrency without and then with batching, so a machine
@@ -56,6 +56,7 @@ from ccied.peer.batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH
 from ccied.peer.client import Client
 from ccied.peer.errors import PeerUnavailableError
 from ccied.peer.keys import Keypair, KeyStore
+from ccied.peer.tails import default_window_ms
 from ccied.peer.wire import ErrorCode, ErrorReply, InferRequest, InferResult, decode, encode
 
 CONCURRENCY = (1, 4, 16, 64)
@@ -137,7 +138,7 @@ class CloudBenchConfig:
     warmup_s: float = DEFAULT_WARMUP_S
     frames: int = DEFAULT_FRAMES
     variant: str = DEFAULT_VARIANT
-    window_ms: float = DEFAULT_BATCH_WINDOW_MS
+    window_ms: float | None = None  # None: the peer's default for its device
     max_batch: int = DEFAULT_MAX_BATCH
     threads: int | None = None  # the cloud's torch threads (None: torch's choice, as a peer)
     rounds: int = (
@@ -154,7 +155,7 @@ class CloudBenchConfig:
             )
         if self.max_batch < 2:
             raise ValueError("--max-batch for the batched runs must be at least 2")
-        if self.window_ms < 0:
+        if self.window_ms is not None and self.window_ms < 0:
             raise ValueError("--window-ms must be 0 or more")
 
 
@@ -326,10 +327,9 @@ def summarize(concurrency: int, batching: bool, rounds: Sequence[Round]) -> Sett
 
 
 def _cloud(folder: Path, logs: Path, batching: bool, config: CloudBenchConfig) -> PeerProcess:
+    window = [] if config.window_ms is None else ["--batch-window-ms", f"{config.window_ms:g}"]
     batch_args = (
-        ["--batch-window-ms", f"{config.window_ms:g}", "--max-batch", str(config.max_batch)]
-        if batching
-        else ["--max-batch", "1"]
+        [*window, "--max-batch", str(config.max_batch)] if batching else ["--max-batch", "1"]
     )
     name = "batched" if batching else "single"
     return PeerProcess(
@@ -450,7 +450,9 @@ def _report(
         "comparison": comparison,
         "target": target,
         "variant": config.variant,
-        "window_ms": config.window_ms,
+        "window_ms": (
+            default_window_ms("cloud", device) if config.window_ms is None else config.window_ms
+        ),
         "max_batch": config.max_batch,
         "cloud_threads": config.threads or f"torch's choice ({os.cpu_count()} cores)",
         "duration_s": config.duration_s,
@@ -536,8 +538,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--window-ms",
         type=float,
-        default=DEFAULT_BATCH_WINDOW_MS,
-        help=f"the batched cloud's --batch-window-ms (default {DEFAULT_BATCH_WINDOW_MS:g})",
+        default=None,
+        help="the batched cloud's --batch-window-ms (default: the peer's, "
+        f"{DEFAULT_BATCH_WINDOW_MS:g} on a GPU, else 0)",
     )
     parser.add_argument(
         "--max-batch",

@@ -157,7 +157,8 @@ def _peer_compute_options(p: argparse.ArgumentParser) -> None:
         "--batch-window-ms",
         type=float,
         help=f"how long a neighbour's tensor may wait for others of its variant to run with "
-        f"(default {DEFAULT_BATCH_WINDOW_MS:g} for a cloud, 0 for an edge)",
+        f"(default {DEFAULT_BATCH_WINDOW_MS:g} for a cloud on a GPU, else 0: a CPU tail is "
+        "long enough that tensors queue and batch anyway)",
     )
     p.add_argument(
         "--max-batch",

@@ -117,7 +117,12 @@ class PeerDaemon:
         try:
             self.tails = TailService(
                 self.worker,
-                batch_config_for(str(config.role), config.batch_window_ms, config.max_batch),
+                batch_config_for(
+                    str(config.role),
+                    config.batch_window_ms,
+                    config.max_batch,
+                    str(self.worker.device),
+                ),
             )
             self.link = EmulatedLink(config.link_bandwidth_mbps, config.link_rtt_ms)
         except ValueError as exc:

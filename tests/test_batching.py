@@ -85,9 +85,10 @@ def test_impossible_settings_are_refused() -> None:
     for window, size in ((WINDOW_MS, 0), (-1.0, 4), (math.nan, 4), (math.inf, 4)):
         with pytest.raises(ValueError, match="batch"):
             BatchConfig(window_ms=window, max_batch=size)
-    assert batch_config_for("cloud").window_ms == WINDOW_MS
-    assert batch_config_for("cloud").batching
-    assert batch_config_for("edge").window_ms == 0.0  # an edge waits for nobody
+    assert batch_config_for("cloud", device="cuda:0").window_ms == WINDOW_MS
+    assert batch_config_for("cloud").window_ms == 0.0  # on a CPU tensors queue anyway
+    assert batch_config_for("cloud").batching  # but still run together
+    assert batch_config_for("edge", device="cuda").window_ms == 0.0  # an edge waits for nobody
     assert not batch_config_for("cloud", max_batch=1).batching
 
 

@@ -68,7 +68,8 @@ def test_a_cloud_answers_a_burst_of_tensors_in_batches_with_the_unbatched_labels
     with Client(cloud.socket_path) as client:
         status = client.status()
     batching = status["batching"]
-    assert batching["enabled"] and batching["window_ms"] == 2.0 and batching["max_batch"] == 32
+    # A cloud on a CPU batches what queues while its model is busy, with no window.
+    assert batching["enabled"] and batching["window_ms"] == 0.0 and batching["max_batch"] == 32
     assert status["device"] == "cpu" or status["device"].startswith("cuda")
     bundle = status["bundle_id"]
 
