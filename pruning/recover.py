@@ -50,12 +50,13 @@ from ccied.pruning.bundle import BUILTIN_VARIANTS, DEFAULT_VARIANT, Variant, wri
 from ccied.pruning.codec import CodecConfig, TensorCodec
 from ccied.pruning.defaults import DEFAULT_SPLIT
 from ccied.pruning.errors import ModelError
-from ccied.pruning.media import bundled_clips, iter_frames, preprocess
+from ccied.pruning.media import bundled_clips, iter_frames
 from ccied.pruning.models import StagedModel
 from ccied.pruning.transfer import (
     TransferProjection,
     augment,
     fit_projection_from_activations,
+    transfer_activations,
 )
 from torch import nn
 from torch.nn import functional
@@ -239,21 +240,16 @@ def distillation_set(
     """Head outputs and unpruned logits of the frames and ``augmentations`` copies of each."""
     if not frames:
         raise ModelError("distillation needs at least one frame")
-    head, tail = model.split(split)
-    inputs = torch.cat([preprocess(pixels, model.spec) for pixels in frames])
-    generator = torch.Generator().manual_seed(seed)
-    activations: list[torch.Tensor] = []
-    logits: list[torch.Tensor] = []
+    activations = transfer_activations(
+        model, split, frames, augmentations, seed, batch_size, augmenter=strong_augment
+    )
+    _, tail = model.split(split)
     with torch.inference_mode():
-        for copy in range(augmentations + 1):
-            for start in range(0, len(inputs), batch_size):
-                batch = inputs[start : start + batch_size]
-                if copy:
-                    batch = strong_augment(batch, generator)
-                y = head(batch)
-                activations.append(y)
-                logits.append(tail(y))
-    return DistillationSet(split, torch.cat(activations), torch.cat(logits))
+        logits = [
+            tail(activations[start : start + batch_size])
+            for start in range(0, len(activations), batch_size)
+        ]
+    return DistillationSet(split, activations, torch.cat(logits))
 
 
 def codec_quantize(z: torch.Tensor, codec: CodecConfig) -> torch.Tensor:

@@ -45,7 +45,7 @@ instead (the tail frozen), by distillation with the codec in the loop.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,8 +177,10 @@ def transfer_activations(
     augmentations: int = DEFAULT_AUGMENTATIONS,
     seed: int = DEFAULT_SEED,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    augmenter: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Head outputs (N, C, H, W) of RGB uint8 frames and ``augmentations`` copies of each."""
+    """Head outputs (N, C, H, W) of RGB uint8 frames and ``augmentations`` copies of each
+    (made by ``augmenter``, default :func:`augment`)."""
     if not frames:
         raise ModelError("calibration needs at least one frame")
     head, _ = model.split(split)
@@ -190,7 +192,7 @@ def transfer_activations(
             for start in range(0, len(inputs), batch_size):
                 batch = inputs[start : start + batch_size]
                 if copy:
-                    batch = augment(batch, generator)
+                    batch = (augmenter or augment)(batch, generator)
                 outputs.append(head(batch))
     return torch.cat(outputs)
 
