@@ -32,7 +32,11 @@ from ccied.peer.defaults import (
     Role,
 )
 from ccied.peer.keys import default_state_dir
-from ccied.pruning.defaults import DEFAULT_FIDELITY_FLOOR, DEFAULT_MODEL
+from ccied.pruning.defaults import (
+    DEFAULT_FIDELITY_FLOOR,
+    DEFAULT_FIDELITY_FLOOR_ALL,
+    DEFAULT_MODEL,
+)
 
 
 def add_peer_parser(sub: Any) -> argparse.ArgumentParser:
@@ -103,8 +107,15 @@ def _peer_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fidelity-floor",
         type=float,
-        help=f"least measured agreement a variant needs for latency-first frames "
+        help=f"least measured agreement on decisive frames (the unpruned model's top-1 "
+        f"probability >= 0.5) a variant needs for latency-first frames "
         f"(default {DEFAULT_FIDELITY_FLOOR})",
+    )
+    p.add_argument(
+        "--fidelity-floor-all",
+        type=float,
+        help=f"least measured agreement on all frames a variant needs for latency-first "
+        f"frames (default {DEFAULT_FIDELITY_FLOOR_ALL})",
     )
 
 

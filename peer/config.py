@@ -38,7 +38,11 @@ from ccied.peer.device import DEFAULT_DEVICE, check_device
 from ccied.peer.errors import PeerError
 from ccied.peer.keys import KeyFileError, split_keyed_address
 from ccied.peer.paths import default_socket_path
-from ccied.pruning.defaults import DEFAULT_FIDELITY_FLOOR, DEFAULT_MODEL
+from ccied.pruning.defaults import (
+    DEFAULT_FIDELITY_FLOOR,
+    DEFAULT_FIDELITY_FLOOR_ALL,
+    DEFAULT_MODEL,
+)
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class PeerConfig:
     variants: tuple[str, ...] = ()
     # Baselines only: send every miss to a neighbour even when finishing here is faster.
     always_offload: bool = False
-    fidelity_floor: float = DEFAULT_FIDELITY_FLOOR
+    fidelity_floor: float = DEFAULT_FIDELITY_FLOOR  # on decisive frames
+    fidelity_floor_all: float = DEFAULT_FIDELITY_FLOOR_ALL  # on all frames
     cloud: str | None = None
     peers: tuple[str, ...] = ()
     remote_timeout_s: float = DEFAULT_REMOTE_TIMEOUT_S
@@ -178,6 +183,7 @@ CONFIG_CHECKS: dict[str, Check] = {
     "variants": Check("str"),
     "always_offload": Check("bool"),
     "fidelity_floor": Check("number", 0, 1),
+    "fidelity_floor_all": Check("number", 0, 1),
     "cloud": Check("str"),
     "peer": Check("strs"),
     "remote_timeout_s": Check("number", 0, low_open=True),
@@ -321,6 +327,7 @@ def peer_config(args: argparse.Namespace) -> PeerConfig:
         variants=tuple(v for v in str(pick("variants") or "").split(",") if v),
         always_offload=pick("always_offload", False),
         fidelity_floor=float(pick("fidelity_floor", DEFAULT_FIDELITY_FLOOR)),
+        fidelity_floor_all=float(pick("fidelity_floor_all", DEFAULT_FIDELITY_FLOOR_ALL)),
         cloud=cloud,
         peers=peers,
         remote_timeout_s=float(pick("remote_timeout_s", DEFAULT_REMOTE_TIMEOUT_S)),

@@ -62,6 +62,7 @@ from ccied.peer.keys import (
     split_keyed_address,
 )
 from ccied.peer.peer_cache import PeerCache, answer_command, rule_for
+from ccied.peer.policy import Floors
 from ccied.peer.server import PeerServer, prepare_socket_path
 from ccied.peer.sharing import Sharing
 from ccied.peer.status import peer_status
@@ -456,7 +457,7 @@ def _frame_settings(config: PeerConfig) -> FrameSettings:
         serves_as=Source.CLOUD if config.role is Role.CLOUD else Source.PEER,
         variant=config.variant,
         variants=config.variants,
-        fidelity_floor=config.fidelity_floor,
+        floors=Floors(config.fidelity_floor, config.fidelity_floor_all),
         always_offload=config.always_offload,
         remote_timeout_s=config.remote_timeout_s,
         max_pending=config.max_pending,

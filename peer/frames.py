@@ -27,7 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ from ccied.peer.policy import (
     INITIAL_HIT_RATE,
     CacheState,
     Device,
+    Floors,
     Need,
     Plan,
     next_hit_rate,
@@ -83,7 +84,7 @@ class FrameSettings:
     serves_as: Source  # what this peer's tails are, to others: PEER or CLOUD
     variant: str | None = None  # pinned
     variants: tuple[str, ...] = ()  # allowed (empty: all)
-    fidelity_floor: float = 0.98
+    floors: Floors = field(default_factory=Floors)  # --fidelity-floor(-all)
     always_offload: bool = False
     remote_timeout_s: float = 2.0
     max_pending: int = 32  # what "load" in a heartbeat is a share of
@@ -170,7 +171,7 @@ class Frames:
             Need(need),
             cache,
             pinned=self.settings.variant,
-            fidelity_floor=self.settings.fidelity_floor,
+            floors=self.settings.floors,
             always_offload=self.settings.always_offload,
         )
         if not count:

@@ -11,7 +11,7 @@ Pure logic: no sockets, no model, no clock. The daemon hands in what it knows
 
 with a neighbour's unknown model time taken as this device's own and an
 unmeasured link as DEFAULT_BANDWIDTH_MBPS. The variant is the one whose best
-target answers soonest (within the need and the fidelity floor); the route
+target answers soonest (within the need and the fidelity floors); the route
 orders the targets by the same cost for that variant and drops the ones slower
 than finishing here, which is always the last resort. Before this module the
 variant planner priced a remote tail as ``full * share * (queue + 1)`` while
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ccied.peer.defaults import Need
 from ccied.peer.routing import Candidate
 from ccied.pruning.bundle import Variant
-from ccied.pruning.defaults import DEFAULT_FIDELITY_FLOOR
+from ccied.pruning.defaults import DEFAULT_FIDELITY_FLOOR, DEFAULT_FIDELITY_FLOOR_ALL
 
 # Until a link has been measured: a conservative LAN figure.
 DEFAULT_BANDWIDTH_MBPS = 50.0
@@ -117,21 +117,54 @@ def cache_plan(
     return (with_key, True) if with_key <= without else (without, False)
 
 
+@dataclass(frozen=True)
+class Floors:
+    """The least measured agreement a variant needs for a latency-first frame.
+
+    ``decisive``: on frames where the unpruned model's top-1 probability is >= 0.5
+    (``--fidelity-floor``); ``all``: on every frame (``--fidelity-floor-all``), lower,
+    since the model's unsure answers flip at any loss (a recovered 96-channel 2-bit
+    layer kept 1.000 of the decisive answers and 0.71 of all: README).
+    """
+
+    decisive: float = DEFAULT_FIDELITY_FLOOR
+    all: float = DEFAULT_FIDELITY_FLOOR_ALL
+
+
 def _agreement(variant: Variant) -> float:
+    """On all frames; an unmeasured agreement counts as 0."""
     return variant.agreement if variant.agreement is not None else 0.0
+
+
+def _agreement_decisive(variant: Variant) -> float:
+    """On decisive frames; a bundle that did not measure it gives the all-frame figure
+    (a lower bound in every measurement so far)."""
+    if variant.agreement_decisive is not None:
+        return variant.agreement_decisive
+    return _agreement(variant)
+
+
+def below_floors(variant: Variant, floors: Floors) -> bool:
+    """Does the variant miss either floor?"""
+    return _agreement_decisive(variant) < floors.decisive or _agreement(variant) < floors.all
+
+
+def _faithfulness(variant: Variant) -> tuple[float, float]:
+    """The ``accuracy`` need's order, most faithful first: decisive, then all frames."""
+    return (-_agreement_decisive(variant), -_agreement(variant))
 
 
 def rank(
     device: Device,
     candidate: Candidate | None,
     need: Need,
-    fidelity_floor: float = DEFAULT_FIDELITY_FLOOR,
+    floors: Floors = Floors(),
 ) -> list[tuple[Variant, float]]:
     """(variant, head + miss ms) best first, for one target (None: this peer).
 
-    ``latency``: variants under the floor after every variant that reaches it,
-    the fastest first; ``accuracy``: the most faithful first, the fastest among
-    equals. An unmeasured agreement counts as 0.
+    ``latency``: variants under either floor after every variant that reaches
+    both, the fastest first; ``accuracy``: the most faithful first (on decisive
+    frames, then on all), the fastest among equals. An unmeasured agreement counts as 0.
     """
 
     def miss(name: str) -> float:
@@ -141,8 +174,8 @@ def rank(
 
     priced = [(v, device.head_ms[v.name] + miss(v.name)) for v in device.variants]
     if need is Need.ACCURACY:
-        return sorted(priced, key=lambda p: (-_agreement(p[0]), p[1]))
-    return sorted(priced, key=lambda p: (_agreement(p[0]) < fidelity_floor, p[1]))
+        return sorted(priced, key=lambda p: (*_faithfulness(p[0]), p[1]))
+    return sorted(priced, key=lambda p: (below_floors(p[0], floors), p[1]))
 
 
 def route(
@@ -173,14 +206,14 @@ def plan_frame(
     cache: CacheState | None = None,
     *,
     pinned: str | None = None,
-    fidelity_floor: float = DEFAULT_FIDELITY_FLOOR,
+    floors: Floors = Floors(),
     always_offload: bool = False,
 ) -> Plan:
     """The plan for a frame the thumbnail did not answer.
 
     Per target (each live neighbour, else this peer alone), the variants are
     ranked for the need; across targets the order is the ranking's class (the
-    fidelity floor, or agreement for ``accuracy``), then the time, with the
+    fidelity floors, or agreement for ``accuracy``), then the time, with the
     deeper key's expected saving folded in (:func:`cache_plan`). A ``pinned``
     variant is the only one considered. The deeper key is looked up when the
     head passes it anyway on the way to the variant's split, otherwise only
@@ -195,13 +228,13 @@ def plan_frame(
     best: tuple[tuple[float, float], str, bool] | None = None
     targets: list[Candidate | None] = list(candidates) if candidates else [None]
     for target in targets:
-        for position, (variant, total) in enumerate(rank(device, target, need, fidelity_floor)):
+        for position, (variant, total) in enumerate(rank(device, target, need, floors)):
             name = variant.name
             expected, pays = total, False
             if cache.enabled:
                 head = device.head_ms[name]
                 expected, pays = cache_plan(head, device.key_ms, total - head, cache.hit_rate)
-            below = _agreement(variant) < fidelity_floor
+            below = below_floors(variant, floors)
             order = (float(position) if need is Need.ACCURACY else float(below), expected)
             if best is None or order < best[0]:
                 best = (order, name, pays)

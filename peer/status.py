@@ -79,6 +79,7 @@ def _variants(peer: PeerDaemon) -> list[dict[str, Any]]:
             "keep_ratio": runtime.variant.keep_ratio,
             "bits": runtime.variant.bits,
             "agreement": runtime.variant.agreement,
+            "agreement_decisive": runtime.variant.agreement_decisive,
             "payload_bytes": round(runtime.payload_bytes()),
             "head_ms": round(peer.worker.head_ms(name), 3),
             "chosen": peer.frames.variant_counts[name],

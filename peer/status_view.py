@@ -151,19 +151,20 @@ def _security(security: Mapping[str, Any]) -> list[str]:
 def _variants(variants: Sequence[Mapping[str, Any]], pinned: str | None) -> list[str]:
     if not variants:
         return []
-    rows = [["name", "payload", "agreement", "head", "chosen"]]
+    rows = [["name", "payload", "decisive", "all", "head", "chosen"]]
     for v in variants:
         name = str(_get(v, "name")) + (" (pinned)" if v.get("name") == pinned else "")
         rows.append(
             [
                 name,
                 f"{_get(v, 'payload_bytes')} B",
+                _fraction(v.get("agreement_decisive")),
                 _fraction(v.get("agreement")),
                 _ms(v.get("head_ms")),
                 f"{_get(v, 'chosen')}",
             ]
         )
-    table = _table(rows, right=(1, 2, 3, 4))
+    table = _table(rows, right=(1, 2, 3, 4, 5))
     return [_row("variants", table[0].removeprefix(INDENT)), *table[1:]]
 
 

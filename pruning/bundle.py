@@ -98,9 +98,13 @@ class Variant:
     # (split "input", bits None).
     jpeg_quality: int | None = None
     lossless: bool = False
-    # Measured by `ccied prepare` / `ccied bench transfer` on held-out real frames.
+    # Measured by `ccied prepare` / `ccied bench transfer` on held-out real frames:
+    # top-1 agreement with the unpruned float32 model on all of them (``agreement``)
+    # and on the decisive ones, where that model's top-1 probability is >= 0.5
+    # (None: not measured; the planner then takes the all-frame figure for it).
     agreement: float | None = None
     bytes_per_frame: float | None = None
+    agreement_decisive: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep_ratio <= 1.0:
@@ -418,6 +422,9 @@ def load_bundle(folder: Path) -> Bundle:
                 lossless=v.get("lossless") is True,
                 agreement=_optional_float(measured.get(v["name"], {}).get("agreement")),
                 bytes_per_frame=_optional_float(measured.get(v["name"], {}).get("bytes_per_frame")),
+                agreement_decisive=_optional_float(
+                    measured.get(v["name"], {}).get("agreement_decisive")
+                ),
             )
             for v in identity["variants"]
         )

@@ -19,5 +19,9 @@ DEFAULT_SPLIT = "blocks.11"
 # agreeing (2026-11-30). A hit at blocks.11 saved only the last 31%.
 DEFAULT_CACHE_SPLIT = "blocks.4"
 # The least measured agreement with the unpruned model a variant needs to be
-# sent for a latency-first frame (ccied.pruning.planner).
+# sent for a latency-first frame (ccied.peer.policy), on the decisive frames
+# (the unpruned top-1 probability >= 0.5: answers a user acts on)...
 DEFAULT_FIDELITY_FLOOR = 0.98
+# ...and on all frames, where the model's unsure answers flip at any loss: a
+# second, lower floor (DESIGN.md's faithful run: >= 0.95 on all frames).
+DEFAULT_FIDELITY_FLOOR_ALL = 0.95

@@ -46,6 +46,8 @@ def test_toml_booleans_mean_what_they_say(tmp_path: Path) -> None:
         ("remote_timeout_s = 0", "remote_timeout_s .*above 0"),
         ('remote_timeout_s = "1"', "remote_timeout_s .*a number"),
         ("audit_rate = 2", "audit_rate .*at most 1"),
+        ("fidelity_floor_all = 1.5", "fidelity_floor_all .*at most 1"),
+        ('fidelity_floor = "high"', "fidelity_floor .*a number"),
         ("slowdown = 0.5", "slowdown .*at least 1"),
         ("slowdown = nan", "slowdown .*finite"),
         ("cache_capacity = true", "cache_capacity .*an integer"),

@@ -10,6 +10,7 @@ from ccied.peer.policy import (
     DEFAULT_BANDWIDTH_MBPS,
     CacheState,
     Device,
+    Floors,
     Need,
     cache_plan,
     local_ms,
@@ -69,6 +70,34 @@ def test_the_variant_follows_the_bandwidth_and_the_need() -> None:
     assert plan_frame(DEVICE, [cloud(1.0)], Need.ACCURACY).variant == "late"
     # Pinned: only that variant.
     assert plan_frame(DEVICE, [cloud(1000.0)], pinned="sloppy").variant == "sloppy"
+
+
+def test_two_floors_decisive_frames_and_all_frames() -> None:
+    # A recovered layer: every decisive answer kept, the unsure ones flip (measured:
+    # 96 channels at 2 bits, decisive 1.000, all 0.706), and the smallest payload.
+    recovered = Variant("recovered", "blocks.11", 0.5, 2, agreement=0.71, agreement_decisive=1.0)
+    device = dataclasses.replace(
+        DEVICE,
+        variants=(LATE, EARLY, recovered),
+        head_ms={**DEVICE.head_ms, "recovered": 70.5},
+        tail_share={**DEVICE.tail_share, "recovered": 0.3},
+        payload_bytes={**DEVICE.payload_bytes, "recovered": 1_440.0},
+        rest_ms={**DEVICE.rest_ms, "recovered": 30.0},
+    )
+    slow = [cloud(1.0)]
+    # The default floors (0.98 decisive, 0.95 all): under the second, not chosen.
+    assert plan_frame(device, slow).variant == "late"
+    # --fidelity-floor-all 0.7: it reaches both floors and is the fastest on 1 Mbit/s.
+    assert plan_frame(device, slow, floors=Floors(0.98, 0.7)).variant == "recovered"
+    # --fidelity-floor 1.0 on decisive frames alone would not exclude it, 0.99 on all does.
+    assert plan_frame(device, slow, floors=Floors(1.0, 0.99)).variant == "late"
+    # Accuracy first: decisive ties at 1.000, then all frames: 1.0 before 0.71.
+    assert plan_frame(device, slow, Need.ACCURACY).variant == "late"
+    # A bundle that measured no decisive figure is held to its all-frame one on both.
+    unmeasured = dataclasses.replace(recovered, agreement_decisive=None, agreement=0.97)
+    device = dataclasses.replace(device, variants=(LATE, EARLY, unmeasured))
+    assert plan_frame(device, slow, floors=Floors(0.98, 0.5)).variant == "late"
+    assert plan_frame(device, slow, floors=Floors(0.97, 0.5)).variant == "recovered"
 
 
 def test_the_route_is_priced_for_the_chosen_variant_and_drops_slower_targets() -> None:
