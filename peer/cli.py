@@ -139,6 +139,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import numpy as np
     from ccied.cache import BadFeatureError, feature_from_tensor, thumbnail_feature
     from ccied.cache.policy import calibrate_or_default, evaluate
+    from ccied.peer.cli_parser import RECOVER_BITS, RECOVER_KEEP_RATIO
     from ccied.pruning.custom import parse_normalize
     from ccied.pruning.prepare import AUTO, PrepareConfig, prepare_bundle, print_report
 
@@ -179,11 +180,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             },
         }
 
+    keep = args.keep_ratio or (RECOVER_KEEP_RATIO if args.recover else 1.0)
+    if args.bits is None:
+        bits: int | str | None = RECOVER_BITS if args.recover else AUTO
+    else:
+        bits = None if args.bits == 32 else args.bits
     config = PrepareConfig(
         model=args.model,
         split=args.split,
-        keep_ratio=args.keep_ratio,
-        bits=AUTO if args.bits is None else None if args.bits == 32 else args.bits,
+        keep_ratio=keep,
+        bits=bits,
+        recover=args.recover,
+        recover_steps=args.recover_steps,
+        augmentations=args.augmentations,
+        seed=args.seed,
         every=args.every,
         cache_split=args.cache_split,
         labels=args.labels,

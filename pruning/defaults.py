@@ -22,6 +22,9 @@ DEFAULT_CACHE_SPLIT = "blocks.4"
 # sent for a latency-first frame (ccied.peer.policy), on the decisive frames
 # (the unpruned top-1 probability >= 0.5: answers a user acts on)...
 DEFAULT_FIDELITY_FLOOR = 0.98
+# A frame is "decisive" when the unpruned model's top-1 probability reaches this:
+# the answers a user acts on. Fidelity is measured on those and on all frames.
+DECISIVE_PROBABILITY = 0.5
 # ...and on all frames, where the model's unsure answers flip at any loss: a
 # second, lower floor (DESIGN.md's faithful run: >= 0.95 on all frames).
 DEFAULT_FIDELITY_FLOOR_ALL = 0.95

@@ -15,9 +15,13 @@
    fewer bits and raw, an earlier split, and the input as JPEG and lossless
    WebP. Without a split, a model from a file is cut where its tensor is
    smallest (between 10% and 95% of its compute). A keep ratio under 1 fits a
-   PCA reduction of the transfer layer (:mod:`ccied.pruning.transfer`).
+   PCA reduction of the transfer layer (:mod:`ccied.pruning.transfer`); with
+   ``recover``, the operating point's reduction is then trained by distillation
+   from the unpruned model on the fit frames and strongly augmented copies of
+   them, no labels (:mod:`ccied.pruning.recover`).
 3. For each variant, on the held-out frames: codec bytes per frame and top-1
-   agreement with the unpruned float32 model, through the real encode/decode.
+   agreement with the unpruned float32 model, through the real encode/decode,
+   on every frame and on the decisive ones (its top-1 probability >= 0.5).
 4. The cache's hit rule at each key depth (the input thumbnail, then the
    cache split), calibrated on the fit frames in stream order and checked on
    the held-out ones (:mod:`ccied.cache` is not imported here: pruning is a
@@ -40,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ccied.pruning import recover as recover_module
 from ccied.pruning.bundle import (
     BUILTIN_VARIANTS,
     MANIFEST_NAME,
@@ -59,7 +64,12 @@ from ccied.pruning.custom import (
     model_from_file,
     parse_model_spec,
 )
-from ccied.pruning.defaults import DEFAULT_CACHE_SPLIT, DEFAULT_MODEL, DEFAULT_SPLIT
+from ccied.pruning.defaults import (
+    DECISIVE_PROBABILITY,
+    DEFAULT_CACHE_SPLIT,
+    DEFAULT_MODEL,
+    DEFAULT_SPLIT,
+)
 from ccied.pruning.errors import MediaError, ModelError
 from ccied.pruning.media import (
     ImageTooLargeError,
@@ -132,11 +142,17 @@ class PrepareConfig:
     normalize: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
     frames: Path | None = None  # the user's images and videos; None: the bundled clips
     max_frames: int = DEFAULT_MAX_FRAMES
+    # Train the operating point's reduction by distillation (keep ratio < 1, 2-8 bits).
+    recover: bool = False
+    recover_steps: int = recover_module.DEFAULT_STEPS
+    augmentations: int = recover_module.DEFAULT_AUGMENTATIONS
+    seed: int = recover_module.DEFAULT_SEED
 
 
-def variant_name(split: str, keep_ratio: float, bits: int | None) -> str:
+def variant_name(split: str, keep_ratio: float, bits: int | None, recovered: bool = False) -> str:
     keep = "" if keep_ratio >= 1.0 else f"-k{keep_ratio:.2f}"
-    return f"{split}{keep}-{'raw' if bits is None else f'b{bits}'}"
+    method = f"-{recover_module.METHOD}" if recovered else ""
+    return f"{split}{keep}-{'raw' if bits is None else f'b{bits}'}{method}"
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,7 @@ def prepare_bundle(
     ModelError or MediaError (one line each) for a model, labels file or
     frames folder that will not do; nothing is left at ``out`` then.
     """
+    check_recover(config)
     model = load_for_prepare(config)
     if model.origin is None:
         chosen, variants = registered_variants(config)
@@ -196,76 +213,36 @@ def prepare_bundle(
             confidences.append(float(probs.max()))
     label_array = np.array(labels)
 
+    confidence_array = np.array(confidences)
+    held = np.flatnonzero(~fit_mask)
+    decisive = confidence_array[held] >= DECISIVE_PROBABILITY
     projections: dict[str, TransferProjection] = {}
     measured: list[Variant] = []
     rows = []
-    held = np.flatnonzero(~fit_mask)
     for variant in tqdm(variants, desc="variants", disable=not progress):
         if variant.is_image:
-            agreement, bytes_median = _measure_image(
+            agrees, sizes = _measure_image(
                 model, [frames[i] for i in held], label_array[held], variant.jpeg_quality
             )
-            measured.append(replace(variant, agreement=agreement, bytes_per_frame=bytes_median))
-            rows.append(
-                {
-                    "name": variant.name,
-                    "split": variant.split,
-                    "keep_ratio": 1.0,
-                    "bits": None,
-                    "jpeg_quality": variant.jpeg_quality,
-                    "lossless": variant.lossless,
-                    "agreement": round(agreement, 4),
-                    "bytes_per_frame": bytes_median,
-                    "fp32_bytes": 3 * model.spec.input_size**2 * 4,
-                    "ratio_to_fp32": round(3 * model.spec.input_size**2 * 4 / bytes_median, 2),
-                }
+            float32_bytes = 3 * model.spec.input_size**2 * 4
+        else:
+            index = split_index[variant.split]
+            stacked = torch.cat(tensors[index])
+            projection = None
+            if variant.keep_ratio < 1.0:
+                recovered = config.recover and variant.name == chosen.name
+                projection = _reduction(
+                    model, variant, stacked, frames, fit_mask, config, recovered
+                )
+                projections[variant.name] = projection
+            agrees, sizes = _measure_tensor(
+                model, variant, stacked[torch.from_numpy(held)], label_array[held], projection
             )
-            continue
-        index = split_index[variant.split]
-        stacked = torch.cat(tensors[index])
-        encode = decode = None
-        if variant.keep_ratio < 1.0:
-            projection = fit_projection_from_activations(
-                variant.split, stacked[torch.from_numpy(fit_mask)], variant.keep_ratio
-            )
-            projections[variant.name] = projection
-            encode, decode = projection_convs(projection)
-        codec = None if variant.bits is None else TensorCodec(CodecConfig(bits=variant.bits))
-        agree, sizes = 0, []
-        with torch.inference_mode():
-            for i in held:
-                x = stacked[i : i + 1]
-                wire = x if encode is None else encode(x)
-                if codec is None:
-                    sizes.append(wire.numel() * 4)
-                    received = wire
-                else:
-                    payload = codec.encode(wire.numpy())
-                    sizes.append(len(payload))
-                    received = torch.from_numpy(codec.decode(payload))
-                if decode is not None:
-                    received = decode(received)
-                tail = model.stages[index + 1 :]
-                y = tail(received)
-                agree += int(int(y.argmax()) == label_array[i])
-        agreement = agree / max(1, len(held))
-        bytes_median = float(np.median(sizes))
-        measured.append(replace(variant, agreement=agreement, bytes_per_frame=bytes_median))
-        point = model.split_point(variant.split)
-        rows.append(
-            {
-                "name": variant.name,
-                "split": variant.split,
-                "keep_ratio": variant.keep_ratio,
-                "bits": variant.bits,
-                "agreement": round(agreement, 4),
-                "bytes_per_frame": bytes_median,
-                "fp32_bytes": point.float32_bytes,
-                "ratio_to_fp32": round(point.float32_bytes / bytes_median, 2),
-            }
-        )
+            float32_bytes = model.split_point(variant.split).float32_bytes
+        row, figures = _measured(variant, agrees, decisive, sizes, float32_bytes)
+        measured.append(figures)
+        rows.append(row)
 
-    confidence_array = np.array(confidences)
     calibration: dict[str, dict[str, Any]] = {}
     for depth in (THUMBNAIL_KEY, cache_split):
         keys = [
@@ -350,7 +327,8 @@ def registered_variants(config: PrepareConfig) -> tuple[Variant, list[Variant]]:
     split = config.split or DEFAULT_SPLIT
     bits = DEFAULT_REGISTERED_BITS if config.bits == AUTO else config.bits
     assert not isinstance(bits, str)
-    chosen = Variant(variant_name(split, config.keep_ratio, bits), split, config.keep_ratio, bits)
+    name = variant_name(split, config.keep_ratio, bits, config.recover)
+    chosen = Variant(name, split, config.keep_ratio, bits)
     return chosen, [chosen, *(v for v in BUILTIN_VARIANTS if v.name != chosen.name)]
 
 
@@ -382,9 +360,8 @@ def custom_variants(model: StagedModel, config: PrepareConfig) -> tuple[Variant,
             f"split {point.name} gives a flat tensor {point.output_shape}: the codec and "
             "--keep-ratio need (channels, height, width); use --bits 32 or another --split"
         )
-    chosen = Variant(
-        variant_name(point.name, config.keep_ratio, bits), point.name, config.keep_ratio, bits
-    )
+    name = variant_name(point.name, config.keep_ratio, bits, config.recover)
+    chosen = Variant(name, point.name, config.keep_ratio, bits)
     variants = [chosen]
     for more_bits in (None,) if flat else (4, None):
         name = variant_name(point.name, 1.0, more_bits)
@@ -541,13 +518,95 @@ def write_atomically(out: Path, write: Callable[[Path], str]) -> str:
     return bundle_id
 
 
+def check_recover(config: PrepareConfig) -> None:
+    """ModelError (one line) for recovery settings that cannot work, before any model loads."""
+    if not config.recover:
+        return
+    if config.keep_ratio >= 1.0:
+        raise ModelError("--recover trains a reduced layer: give --keep-ratio below 1")
+    if config.bits is None or config.bits == AUTO:
+        raise ModelError("--recover trains for the codec: give --bits 2, 4, 6 or 8")
+    if config.recover_steps < 1 or config.augmentations < 0:
+        raise ModelError(
+            f"--recover-steps must be at least 1 and --augmentations at least 0, got "
+            f"{config.recover_steps} and {config.augmentations}"
+        )
+
+
+def _reduction(
+    model: StagedModel,
+    variant: Variant,
+    stacked: torch.Tensor,
+    frames: list[np.ndarray],
+    fit_mask: np.ndarray,
+    config: PrepareConfig,
+    recovered: bool,
+) -> TransferProjection:
+    """The variant's reduction, fitted by PCA on the fit frames' tensors or (``recovered``)
+    trained from there by distillation on the fit frames and augmented copies of them;
+    for the registered model on the bundled clips, the photos recovery trains on too."""
+    if not recovered:
+        return fit_projection_from_activations(
+            variant.split, stacked[torch.from_numpy(fit_mask)], variant.keep_ratio
+        )
+    assert isinstance(variant.bits, int)
+    pixels = [frames[i] for i in np.flatnonzero(fit_mask)]
+    if config.frames is None and model.origin is None:
+        pixels += recover_module.training_photos()
+    train = recover_module.distillation_set(
+        model, variant.split, pixels, config.augmentations, config.seed
+    )
+    channels = stacked.shape[1]
+    settings = recover_module.RecoveryConfig(
+        split=variant.split,
+        channels=min(channels, max(1, round(variant.keep_ratio * channels))),
+        bits=variant.bits,
+        steps=config.recover_steps,
+        seed=config.seed,
+    )
+    log.info("recovering %s on %d frames x %d", variant.name, len(pixels), config.augmentations + 1)
+    return recover_module.recover(model, train, settings).projection
+
+
+def _measure_tensor(
+    model: StagedModel,
+    variant: Variant,
+    held: torch.Tensor,
+    labels: np.ndarray,
+    projection: TransferProjection | None,
+) -> tuple[np.ndarray, list[int]]:
+    """Per held-out tensor at the variant's split: does the answer through the reduction
+    and the real codec agree with the unpruned model's, and how many bytes crossed."""
+    encode = decode = None
+    if projection is not None:
+        encode, decode = projection_convs(projection)
+    codec = None if variant.bits is None else TensorCodec(CodecConfig(bits=variant.bits))
+    tail = model.stages[model.split_point(variant.split).index + 1 :]
+    agrees, sizes = [], []
+    with torch.inference_mode():
+        for row, label in enumerate(labels):
+            x = held[row : row + 1]
+            wire = x if encode is None else encode(x)
+            if codec is None:
+                sizes.append(wire.numel() * 4)
+                received = wire
+            else:
+                payload = codec.encode(wire.numpy())
+                sizes.append(len(payload))
+                received = torch.from_numpy(codec.decode(payload))
+            if decode is not None:
+                received = decode(received)
+            agrees.append(int(tail(received).argmax()) == label)
+    return np.array(agrees, dtype=bool), sizes
+
+
 def _measure_image(
     model: StagedModel, frames: list[np.ndarray], labels: np.ndarray, quality: int | None
-) -> tuple[float, float]:
-    """Agreement and median bytes when the input crop crosses as a JPEG of ``quality``
-    (None: as a lossless WebP)."""
+) -> tuple[np.ndarray, list[int]]:
+    """Per frame: agreement and bytes when the input crop crosses as a JPEG of
+    ``quality`` (None: as a lossless WebP)."""
     size = model.spec.input_size
-    agree, sizes = 0, []
+    agrees, sizes = [], []
     with torch.inference_mode():
         for pixels, label in zip(frames, labels, strict=True):
             crop = center_crop(pixels, size)
@@ -557,18 +616,58 @@ def _measure_image(
                 image, image_format = encode_jpeg(crop, quality), "JPEG"
             sizes.append(len(image))
             x = normalize(decode_image(image, size, image_format), model.spec)
-            agree += int(int(model.full()(x).argmax()) == label)
-    return agree / max(1, len(frames)), float(np.median(sizes))
+            agrees.append(int(model.full()(x).argmax()) == label)
+    return np.array(agrees, dtype=bool), sizes
+
+
+def _measured(
+    variant: Variant,
+    agrees: np.ndarray,
+    decisive: np.ndarray,
+    sizes: list[int],
+    float32_bytes: int,
+) -> tuple[dict[str, Any], Variant]:
+    """The report's row and the variant with its figures: agreement on all held-out
+    frames and on the decisive ones (none decisive: 1.0, nothing to disagree on)."""
+    agreement = float(agrees.mean()) if len(agrees) else 0.0
+    on_decisive = float(agrees[decisive].mean()) if bool(decisive.any()) else 1.0
+    bytes_median = float(np.median(sizes)) if sizes else 0.0
+    row: dict[str, Any] = {
+        "name": variant.name,
+        "split": variant.split,
+        "keep_ratio": variant.keep_ratio,
+        "bits": variant.bits,
+        "agreement": round(agreement, 4),
+        "agreement_all": round(agreement, 4),
+        "agreement_decisive": round(on_decisive, 4),
+        "decisive_frames": int(decisive.sum()),
+        "bytes_per_frame": bytes_median,
+        "fp32_bytes": float32_bytes,
+        "ratio_to_fp32": round(float32_bytes / max(bytes_median, 1.0), 2),
+    }
+    if variant.is_image:
+        row |= {"jpeg_quality": variant.jpeg_quality, "lossless": variant.lossless}
+    figures = replace(
+        variant,
+        agreement=agreement,
+        agreement_decisive=on_decisive,
+        bytes_per_frame=bytes_median,
+    )
+    return row, figures
 
 
 def print_report(report: PrepareReport, write: Callable[[str], Any] = print) -> None:
     write(f"bundle {report.bundle_id} of {report.model} written to {report.folder}")
     write(f"frames: {report.frames}")
-    write(f"{'variant':<22} {'bytes':>8} {'x fp32':>7} {'agreement':>9}")
+    decisive = report.variants[0]["decisive_frames"] if report.variants else 0
+    write(
+        f"{'variant':<28} {'bytes':>8} {'x fp32':>7} {'agreement: decisive':>20} {'all':>6}"
+        f"  ({decisive} of {report.frames['held_out']} held-out frames decisive)"
+    )
     for row in report.variants:
         write(
-            f"{row['name']:<22} {row['bytes_per_frame']:>8.0f} {row['ratio_to_fp32']:>7.1f} "
-            f"{row['agreement']:>9.3f}"
+            f"{row['name']:<28} {row['bytes_per_frame']:>8.0f} {row['ratio_to_fp32']:>7.1f} "
+            f"{row['agreement_decisive']:>20.3f} {row['agreement']:>6.3f}"
         )
     for depth, figures in report.cache_rules.items():
         write(

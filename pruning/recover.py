@@ -40,7 +40,8 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,10 +49,11 @@ import numpy as np
 import torch
 from ccied.pruning.bundle import BUILTIN_VARIANTS, DEFAULT_VARIANT, Variant, write_bundle
 from ccied.pruning.codec import CodecConfig, TensorCodec
+from ccied.pruning.defaults import DECISIVE_PROBABILITY as DECISIVE_PROBABILITY  # re-exported
 from ccied.pruning.defaults import DEFAULT_SPLIT
 from ccied.pruning.errors import ModelError
 from ccied.pruning.media import bundled_clips, iter_frames
-from ccied.pruning.models import StagedModel
+from ccied.pruning.models import ModelSpec, StagedModel
 from ccied.pruning.transfer import (
     TransferProjection,
     augment,
@@ -77,15 +79,19 @@ DEFAULT_TEMPERATURE = 2.0
 DEFAULT_RECONSTRUCTION_WEIGHT = 0.05
 DEFAULT_AUGMENTATIONS = 4
 DEFAULT_SEED = 0
-# The unpruned model's answer is "decisive" when its top-1 probability reaches this.
-DECISIVE_PROBABILITY = 0.5
 # Share of each clip (its first frames) used for training; the rest is held out.
 TRAIN_FRACTION = 0.6
 # scikit-image photos: these train, the others are held out (a stream none trains on).
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry", "retina", "camera")
 HELD_OUT_PHOTOS = ("chelsea", "hubble_deep_field", "stereo_motorcycle", "horse", "coins")
-# Loss above this many times its first value, or not finite: training diverged.
+# The time of this many steps gives the estimate shown before the rest run.
+ESTIMATE_AFTER_STEPS = 3
+# Loss above this many times its first value (or than DIVERGENCE_FLOOR, when the
+# first was smaller), or not finite: training diverged. The floor: an 8-bit layer
+# starts near 0.001, and one batch's noise then read 0.03 as a divergence (a KL of
+# 0.03 at T = 2 flips almost no answer).
 DIVERGENCE_FACTOR = 10.0
+DIVERGENCE_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,11 @@ def _photo_views(pixels: np.ndarray, count: int) -> list[np.ndarray]:
     return views
 
 
+def training_photos(views: int = 4) -> list[np.ndarray]:
+    """The scikit-image photos recovery trains on (never those held out), in ``views`` views."""
+    return [v for name in TRAIN_PHOTOS for p in _photo(name) for v in _photo_views(p, views)]
+
+
 def recovery_frames(every: int = 1, photo_views: int = 4, train_every: int = 1) -> RecoveryFrames:
     """The bundled clips (first 60% train, last 40% held out) and scikit-image photos.
 
@@ -205,9 +216,7 @@ def recovery_frames(every: int = 1, photo_views: int = 4, train_every: int = 1) 
         cut = int(TRAIN_FRACTION * len(frames))
         train += frames[:cut:train_every]
         held_out += frames[cut:]
-    for name in TRAIN_PHOTOS:
-        for photo in _photo(name):
-            train += _photo_views(photo, photo_views)
+    train += training_photos(photo_views)
     photos = [v for n in HELD_OUT_PHOTOS for p in _photo(n) for v in _photo_views(p, photo_views)]
     return RecoveryFrames(train, held_out, photos)
 
@@ -229,6 +238,19 @@ def strong_augment(inputs: torch.Tensor, generator: torch.Generator) -> torch.Te
     return out.clamp(-1.0, 1.0)
 
 
+def augmenter_for(spec: ModelSpec) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """:func:`strong_augment` for a model's normalisation: its inputs are mapped to [-1, 1]
+    pixels and back, so clamping and noise mean the same for any mean and std."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32)[None, :, None, None]
+    std = torch.tensor(spec.std, dtype=torch.float32)[None, :, None, None]
+
+    def augmenter(inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        pixels = (inputs * std + mean) * 2.0 - 1.0
+        return ((strong_augment(pixels, generator) + 1.0) / 2.0 - mean) / std
+
+    return augmenter
+
+
 def distillation_set(
     model: StagedModel,
     split: str,
@@ -241,7 +263,7 @@ def distillation_set(
     if not frames:
         raise ModelError("distillation needs at least one frame")
     activations = transfer_activations(
-        model, split, frames, augmentations, seed, batch_size, augmenter=strong_augment
+        model, split, frames, augmentations, seed, batch_size, augmenter=augmenter_for(model.spec)
     )
     _, tail = model.split(split)
     with torch.inference_mode():
@@ -347,6 +369,7 @@ def recover(
     generator = torch.Generator().manual_seed(config.seed)
     count = train.activations.shape[0]
     losses: list[float] = []
+    started = time.perf_counter()
     bar = tqdm(
         range(config.steps),
         desc=f"recover {config.split} k={config.channels} {config.bits}b",
@@ -363,7 +386,7 @@ def recover(
             loss = loss + config.reconstruction_weight * mse
         value = float(loss.detach())
         if not math.isfinite(value) or (
-            losses and value > DIVERGENCE_FACTOR * max(losses[0], 1e-3)
+            losses and value > DIVERGENCE_FACTOR * max(losses[0], DIVERGENCE_FLOOR)
         ):
             raise ModelError(
                 f"recovery diverged at step {len(losses)} (loss {value:.3g}): lower "
@@ -375,6 +398,9 @@ def recover(
         schedule.step()
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
+        if progress and len(losses) == ESTIMATE_AFTER_STEPS < config.steps:
+            minutes = (time.perf_counter() - started) / len(losses) * config.steps / 60
+            bar.write(f"recovery: {config.steps} steps, about {minutes:.0f} min on this machine")
     bar.close()
     projection = bottleneck.projection(config.split, _explained(bottleneck, train.activations))
     return RecoveryResult(projection, losses)
