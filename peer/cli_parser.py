@@ -28,6 +28,7 @@ Command = Callable[[argparse.Namespace], int]
 BENCHMARKS = (
     ("cache", "cache", "semantic cache: hit rate, fidelity, false hits, lookup latency"),
     ("transfer", "transfer", "transfer layer: bytes on the wire vs agreement per variant"),
+    ("recovery", "recovery", "recovered transfer layers: bytes vs decisive and all agreement"),
     ("cluster", "cluster_bench", "ccied against edge-only, cloud-only, split, split+quant"),
     ("fuzz", "fuzz", "fuzz every decoder (wire, codec, bundle, cache files)"),
     ("chaos", "chaos", "SIGKILL peers and the cloud mid-stream: lost, answered twice, added p99"),
