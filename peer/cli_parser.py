@@ -271,23 +271,27 @@ RECOVER_KEEP_RATIO = 0.5
 RECOVER_BITS = 2
 
 
+def _parsed(text: str, kind: type[int] | type[float]) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        name = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"not {name}: {text!r}") from None
+
+
 def keep_ratio(text: str) -> float:
     """argparse type: a share of channels in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _parsed(text, float)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
-def _count(least: int) -> Any:
+def count(least: int) -> Callable[[str], int]:
+    """argparse type: an integer of at least ``least``."""
+
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        value = int(_parsed(text, int))
         if value < least:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
         return value
@@ -306,20 +310,20 @@ def _recover_options(pr: argparse.ArgumentParser) -> None:
     )
     pr.add_argument(
         "--recover-steps",
-        type=_count(1),
+        type=count(1),
         default=300,
         metavar="N",
         help="training steps of 64 tensors (default 300: about 4 minutes on 2 cores)",
     )
     pr.add_argument(
         "--augmentations",
-        type=_count(0),
+        type=count(0),
         default=4,
         metavar="N",
         help="augmented copies of each fit frame to train on (default 4)",
     )
     pr.add_argument(
-        "--seed", type=_count(0), default=0, metavar="N", help="training seed (default 0)"
+        "--seed", type=count(0), default=0, metavar="N", help="training seed (default 0)"
     )
 
 
