@@ -51,6 +51,19 @@ def test_identity_bundle_and_variants_with_units(status: dict[str, Any]) -> None
     # Right-aligned columns end where their header ends.
     for column, value in (("payload", "5288 B"), ("head", "206.6 ms"), ("chosen", "0")):
         assert row.rindex(value) + len(value) == header.index(column) + len(column)
+    # Agreement on decisive frames and on all: "-" where the bundle measured none.
+    assert row.split()[3:5] == ["-", "0.971"], row
+
+
+def test_a_variant_measured_on_decisive_frames_shows_both_agreements(
+    status: dict[str, Any],
+) -> None:
+    variant = dict(status["variants"][0])
+    variant |= {"name": "blocks.11-k0.50-b2-distilled", "agreement": 0.706}
+    variant["agreement_decisive"] = 1.0
+    status["variants"].append(variant)
+    row = _line(render(status), "         blocks.11-k0.50-b2-distilled")
+    assert row.split()[3:5] == ["1.000", "0.706"], row
 
 
 def test_each_neighbour_shows_its_model_time_and_where_it_came_from(
