@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -134,3 +137,152 @@ def test_fashion_pruning_keeps_channels_consistent() -> None:
         assert pruned.tail(z).shape == (64, 10)
     with pytest.raises(ModelError):
         prune_transfer_channels(net, 0, images)
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    from ccied.bench.transfer import add_arguments
+
+    parser = argparse.ArgumentParser(prog="ccied bench transfer")
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--recovery-points", "96x3"), "bits must be one of 2, 4, 6, 8, got 3"),
+        (("--recovery-points", "0x2"), "channels must be >= 1, got 0"),
+        (("--recovery-points", "96"), "expected KxBITS such as 96x2"),
+        (("--recovery-points", "ax2"), "expected KxBITS such as 96x2"),
+        (("--keep-ratios", "0.5", "1.5"), "--keep-ratios: must be in (0, 1], got 1.5"),
+        (("--keep-ratios", "0"), "--keep-ratios: must be in (0, 1], got 0"),
+        (("--recovery-steps", "0"), "--recovery-steps: must be at least 1, got 0"),
+        (("--every", "x"), "--every: not an integer"),
+        (("--recovery-points", "96x2", "1x9"), "--recovery-points: bits must be one of"),
+    ],
+)
+def test_bench_transfer_rejects_malformed_options(
+    argv: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(*argv)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1
+    assert message in errors[0]
+
+
+def test_bench_transfer_recovery_settings() -> None:
+    from ccied.bench.transfer import (
+        QUICK_RECOVERY_STEPS,
+        RECOVERY_POINTS,
+        _settings,
+    )
+
+    assert _settings(_parse("--quick")).recovery_points == ((96, 2),)
+    assert _settings(_parse("--quick")).recovery_steps == QUICK_RECOVERY_STEPS
+    assert _settings(_parse()).recovery_points == RECOVERY_POINTS
+    assert _settings(_parse("--no-recovery")).recovery_points == ()
+    chosen = _settings(_parse("--recovery-points", "64X2", "32x8", "--recovery-steps", "7"))
+    assert chosen.recovery_points == ((64, 2), (32, 8))
+    assert chosen.recovery_steps == 7
+
+
+def test_bench_transfer_refuses_more_channels_than_the_split_has(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ccied.bench.transfer import run
+
+    assert run(_parse("--recovery-points", "200x2", "--no-fashion")) == 2
+    assert "blocks.11 has 192 channels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken", ["missing", "corrupt"])
+def test_bench_transfer_skips_fashion_without_the_data(
+    broken: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ccied.bench import transfer
+    from ccied.pruning import fashion
+
+    if broken == "corrupt":
+        for name in fashion._FILES.values():
+            (tmp_path / name).write_bytes(b"not gzip")
+    monkeypatch.setattr(fashion, "DEFAULT_FASHION_DIR", tmp_path)
+    assert transfer._fashion(quick=True) is None
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("bench transfer: Fashion-MNIST skipped:")
+    assert str(tmp_path) in lines[0]
+
+
+def test_bench_transfer_table_and_plot_with_recovered_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Recovered rows carry no timings; the targets print met or MISSED; the plot draws."""
+    from ccied.bench.transfer import _plot, _print_table, _targets
+
+    common = {
+        "split": "blocks.11",
+        "quantizer": "minmax",
+        "fp32_bytes": 37632,
+        "agreement_per_clip": {"bikes": 0.9},
+        "decisive_frames": 10,
+        "frames": 20,
+    }
+    operating = common | {
+        "keep_ratio": 1.0,
+        "method": "pca",
+        "channels": 192,
+        "bits": 6,
+        "bytes_per_frame": 7850.0,
+        "ratio_fp32": 4.8,
+        "ratio_jpeg": 0.58,
+        "agreement": 1.0,
+        "agreement_all": 1.0,
+        "agreement_decisive": 1.0,
+        "head_ms": 5.0,
+        "tail_ms": 2.0,
+        "encode_ms": 0.2,
+        "decode_ms": 0.1,
+    }
+    recovered = common | {
+        "keep_ratio": 0.5,
+        "method": "recovered",
+        "channels": 96,
+        "bits": 2,
+        "bytes_per_frame": 1440.0,
+        "ratio_fp32": 26.1,
+        "ratio_jpeg": 0.11,
+        "agreement": 0.7,
+        "agreement_all": 0.7,
+        "agreement_decisive": 1.0,
+        "train_s": 120.0,
+        "start_agreement_all": 0.65,
+        "start_agreement_decisive": 0.9,
+    }
+    targets = _targets(recovered)
+    assert {key: t["met"] for key, t in targets.items()} == {
+        "ratio_fp32": True,
+        "ratio_jpeg": True,
+        "agreement_decisive": True,
+        "agreement_all": False,
+    }
+    result = {
+        "jpeg_q90_bytes": 13600.0,
+        "frames": {"held_out": 20},
+        "variants": [operating, recovered],
+        "operating_point": operating,
+        "recovered_point": recovered,
+        "targets": targets,
+        "total_s": 1.0,
+    }
+    _print_table(result)
+    out = capsys.readouterr().out
+    assert "trained 120 s from 0.650/0.900" in out
+    assert "target agreement_all >= 0.95: 0.700 MISSED" in out
+    assert "target ratio_fp32 >= 24: 26.100 met" in out
+    _plot(result, tmp_path / "transfer.png")
+    assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
