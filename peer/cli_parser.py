@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ccied.peer.argtypes import positive_int
+from ccied.peer.argtypes import fraction, non_negative_int, positive_int
 from ccied.peer.cli_peer_options import add_peer_parser
 from ccied.peer.keys import default_state_dir
 from ccied.pruning.defaults import DEFAULT_CACHE_SPLIT, DEFAULT_MODEL
@@ -235,7 +235,7 @@ def add_prepare_parser(sub: Any) -> argparse.ArgumentParser:
     )
     pr.add_argument(
         "--keep-ratio",
-        type=keep_ratio,
+        type=fraction,
         default=None,
         help="share of the transfer layer's channels that cross, in (0, 1] (default 1; "
         f"{RECOVER_KEEP_RATIO} with --recover)",
@@ -271,34 +271,6 @@ RECOVER_KEEP_RATIO = 0.5
 RECOVER_BITS = 2
 
 
-def _parsed(text: str, kind: type[int] | type[float]) -> float:
-    try:
-        return kind(text)
-    except ValueError:
-        name = "an integer" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"not {name}: {text!r}") from None
-
-
-def keep_ratio(text: str) -> float:
-    """argparse type: a share of channels in (0, 1]."""
-    value = _parsed(text, float)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def count(least: int) -> Callable[[str], int]:
-    """argparse type: an integer of at least ``least``."""
-
-    def parse(text: str) -> int:
-        value = int(_parsed(text, int))
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
-        return value
-
-    return parse
-
-
 def _recover_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument(
         "--recover",
@@ -310,20 +282,20 @@ def _recover_options(pr: argparse.ArgumentParser) -> None:
     )
     pr.add_argument(
         "--recover-steps",
-        type=count(1),
+        type=positive_int,
         default=300,
         metavar="N",
         help="training steps of 64 tensors (default 300: about 4 minutes on 2 cores)",
     )
     pr.add_argument(
         "--augmentations",
-        type=count(0),
+        type=non_negative_int,
         default=4,
         metavar="N",
         help="augmented copies of each fit frame to train on (default 4)",
     )
     pr.add_argument(
-        "--seed", type=count(0), default=0, metavar="N", help="training seed (default 0)"
+        "--seed", type=non_negative_int, default=0, metavar="N", help="training seed (default 0)"
     )
 
 

@@ -106,14 +106,14 @@ def _peer_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fidelity-floor",
-        type=float,
+        type=unit_interval,
         help=f"least measured agreement on decisive frames (the unpruned model's top-1 "
         f"probability >= 0.5) a variant needs for latency-first frames "
         f"(default {DEFAULT_FIDELITY_FLOOR})",
     )
     p.add_argument(
         "--fidelity-floor-all",
-        type=float,
+        type=unit_interval,
         help=f"least measured agreement on all frames a variant needs for latency-first "
         f"frames (default {DEFAULT_FIDELITY_FLOOR_ALL})",
     )
