@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from ccied.pruning.codec import CodecConfig, TensorCodec
 from ccied.pruning.errors import MediaError, ModelError
+from ccied.pruning.recover import distillation_loss
 from torch import nn
 from torch.nn import functional
 
@@ -261,13 +262,7 @@ def _train(
 
 def _kl_loss(temperature: float) -> Loss:
     def loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """KL(teacher || student) of the softened answers, scaled by T^2 (Hinton et al.)."""
-        return functional.kl_div(
-            functional.log_softmax(student / temperature, 1),
-            functional.log_softmax(teacher / temperature, 1),
-            log_target=True,
-            reduction="batchmean",
-        ) * (temperature**2)
+        return distillation_loss(student, teacher, temperature)
 
     return loss
 

@@ -399,8 +399,11 @@ def recover(
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
         if progress and len(losses) == ESTIMATE_AFTER_STEPS < config.steps:
-            minutes = (time.perf_counter() - started) / len(losses) * config.steps / 60
-            bar.write(f"recovery: {config.steps} steps, about {minutes:.0f} min on this machine")
+            seconds = (time.perf_counter() - started) / len(losses) * config.steps
+            about = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+            bar.write(
+                f"recovery: {config.steps} steps, about {about} on this machine", file=sys.stderr
+            )
     bar.close()
     projection = bottleneck.projection(config.split, _explained(bottleneck, train.activations))
     return RecoveryResult(projection, losses)
