@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from ccied.bench.transfer import _jpeg_bytes
+from ccied.bench.transfer import _jpeg_bytes, recovery_point
+from ccied.peer.argtypes import non_negative_int, positive_int
 from ccied.pruning import load_model
 from ccied.pruning.codec import CodecConfig
 from ccied.pruning.recover import (
@@ -58,16 +59,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the recovery benchmark."""
     parser.add_argument("--quick", action="store_true", help="one split, fewer steps")
     parser.add_argument("--splits", nargs="+", default=None)
-    parser.add_argument("--channels", nargs="+", type=int, default=None)
+    parser.add_argument("--channels", nargs="+", type=positive_int, default=None)
     parser.add_argument("--bits", nargs="+", type=int, default=None, choices=(8, 6, 4, 2))
     parser.add_argument(
-        "--points", nargs="+", default=None, help="KxBITS pairs instead of channels x bits"
+        "--points",
+        nargs="+",
+        type=recovery_point,
+        default=None,
+        metavar="KxBITS",
+        help="channels x bits pairs instead of --channels x --bits (e.g. 96x2)",
     )
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--augmentations", type=int, default=4)
-    parser.add_argument("--every", type=int, default=1, help="use every N-th clip frame")
+    parser.add_argument("--steps", type=positive_int, default=None)
+    parser.add_argument("--augmentations", type=non_negative_int, default=4)
+    parser.add_argument("--every", type=positive_int, default=1, help="use every N-th clip frame")
     parser.add_argument(
-        "--train-every", type=int, default=2, help="of those, train on every N-th (default 2)"
+        "--train-every",
+        type=positive_int,
+        default=2,
+        help="of those, train on every N-th (default 2)",
     )
     parser.add_argument(
         "--bundle", type=Path, default=None, help="write a bundle with the recovered variants"
@@ -119,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     )
     points = [(k, bits) for k in channel_list for bits in bits_list]
     if args.points:
-        points = [(int(p.split("x")[0]), int(p.split("x")[1])) for p in args.points]
+        points = list(args.points)
     rows: list[dict[str, Any]] = []
     recovered: list[tuple[TransferProjection, int, Measurement]] = []
     timings: dict[str, float] = {}

@@ -102,7 +102,7 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 
 
-def _recovery_point(text: str) -> tuple[int, int]:
+def recovery_point(text: str) -> tuple[int, int]:
     """``KxBITS`` (e.g. ``96x2``): K channels cross at BITS bits."""
     channels, separator, bits = text.lower().partition("x")
     try:
@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recovery-points",
         nargs="+",
-        type=_recovery_point,
+        type=recovery_point,
         default=None,
         metavar="KxBITS",
         help=f"recovered layers at {RECOVERY_SPLIT} (default 64x2 96x2 96x4; --quick 96x2)",
