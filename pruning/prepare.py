@@ -232,7 +232,7 @@ def prepare_bundle(
             if variant.keep_ratio < 1.0:
                 recovered = config.recover and variant.name == chosen.name
                 projection = _reduction(
-                    model, variant, stacked, frames, fit_mask, config, recovered
+                    model, variant, stacked, frames, fit_mask, config, recovered, progress
                 )
                 projections[variant.name] = projection
             agrees, sizes = _measure_tensor(
@@ -541,6 +541,7 @@ def _reduction(
     fit_mask: np.ndarray,
     config: PrepareConfig,
     recovered: bool,
+    progress: bool = True,
 ) -> TransferProjection:
     """The variant's reduction, fitted by PCA on the fit frames' tensors or (``recovered``)
     trained from there by distillation on the fit frames and augmented copies of them;
@@ -565,7 +566,7 @@ def _reduction(
         seed=config.seed,
     )
     log.info("recovering %s on %d frames x %d", variant.name, len(pixels), config.augmentations + 1)
-    return recover_module.recover(model, train, settings).projection
+    return recover_module.recover(model, train, settings, progress).projection
 
 
 def _measure_tensor(

@@ -192,3 +192,22 @@ def test_training_and_held_out_frames_are_kept_apart(monkeypatch: pytest.MonkeyP
     assert len(frames.held_out_photos) == 2
     held = frames.held_out + frames.held_out_photos
     assert not any(t.shape == h.shape and np.array_equal(t, h) for t in frames.train for h in held)
+
+
+def test_augmentation_keeps_any_normalisation_in_its_pixel_range() -> None:
+    # A model from a file normalises with its own mean and std (Fashion-MNIST's
+    # example: 0.286, 0.353): augmented inputs stay what some [0, 1] pixels give.
+    from ccied.pruning.models import ModelSpec
+    from ccied.pruning.recover import augmenter_for
+
+    mean, std = (0.286,) * 3, (0.353,) * 3
+    spec = ModelSpec("m", 28, mean, std, ("a", "b"), "0" * 64)
+    pixels = torch.rand(8, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    inputs = (pixels - 0.286) / 0.353
+    out = augmenter_for(spec)(inputs, torch.Generator().manual_seed(1))
+    assert out.shape == inputs.shape
+    low, high = (0 - 0.286) / 0.353, (1 - 0.286) / 0.353
+    assert float(out.min()) >= low - 1e-5 and float(out.max()) <= high + 1e-5
+    # Bright pixels survive: a clamp at the [-1, 1] of EfficientNet's normalisation
+    # (the old augmentation) would have cut every value above 1.0 here.
+    assert float(out.max()) > 1.5
