@@ -36,8 +36,12 @@ import torch
 from ccied.bench.transfer import _jpeg_bytes, recovery_point
 from ccied.peer.argtypes import non_negative_int, positive_int
 from ccied.pruning import load_model
+from ccied.pruning.bundle import Bundle, Variant, load_bundle
 from ccied.pruning.codec import CodecConfig
+from ccied.pruning.errors import ModelError
+from ccied.pruning.models import StagedModel
 from ccied.pruning.recover import (
+    METHOD,
     Measurement,
     RecoveryConfig,
     distillation_set,
@@ -203,22 +207,12 @@ def _print_table(result: dict[str, Any]) -> None:
         print("bundle:", result["bundle_id"])
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    torch.set_num_threads(2)
-    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(cli)
-    sys.exit(run(cli.parse_args()))
-
-
 def _run_stream(args: argparse.Namespace) -> int:
-    from ccied.pruning.bundle import load_bundle
-
     bundle = load_bundle(args.stream)
-    variant = bundle.variant(bundle.default_variant)
+    variant = _recovered_variant(bundle)
     frames = recovery_frames(every=args.every)
     pixels = frames.held_out_photos + frames.held_out
-    result = stream(args.stream, variant.name, pixels)
+    result = stream(args.stream, bundle.model, variant.name, pixels)
     size = bundle.model.spec.input_size
     jpeg = float(np.median([_jpeg_bytes(p, size) for p in pixels]))
     float32_bytes = bundle.model.split_point(variant.split).float32_bytes
@@ -237,7 +231,27 @@ def _run_stream(args: argparse.Namespace) -> int:
     return 0 if result["answered_by_cloud"] == result["frames"] else 1
 
 
-def stream(bundle: Path, variant: str, frames: list[np.ndarray]) -> dict[str, Any]:
+def _recovered_variant(bundle: Bundle) -> Variant:
+    """The bundle's recovered variant (ModelError, one line, if it has none or was
+    prepared on other frames than the bundled clips, whose held-out part streams)."""
+    names = [n for n, p in bundle.projections.items() if p.method == METHOD]
+    if not names:
+        raise ModelError(
+            f"{bundle.path}: no recovered variant; make one with `ccied prepare --recover`"
+        )
+    source = (bundle.figures.get("frames") or {}).get("source")
+    if bundle.model.origin is not None or source != "bundled clips":
+        raise ModelError(
+            f"{bundle.path}: --stream sends the bundled clips' held-out frames, for a bundle "
+            f"of the registered model prepared on them (this one: {bundle.model.spec.name}, "
+            f"frames from {source})"
+        )
+    return bundle.variant(names[0])
+
+
+def stream(
+    bundle: Path, model: StagedModel, variant: str, frames: list[np.ndarray]
+) -> dict[str, Any]:
     """Frames through an edge that sends ``variant`` to a cloud, both serving ``bundle``:
     bytes per miss and top-1 agreement with the unpruned model here (decisive and all)."""
     import tempfile
@@ -247,7 +261,6 @@ def stream(bundle: Path, variant: str, frames: list[np.ndarray]) -> dict[str, An
     from ccied.pruning.defaults import DECISIVE_PROBABILITY
     from ccied.pruning.media import preprocess
 
-    model = load_model()
     with torch.inference_mode():
         reference = [
             torch.softmax(model.full()(preprocess(p, model.spec)), 1)[0].max(0) for p in frames
@@ -277,7 +290,15 @@ def stream(bundle: Path, variant: str, frames: list[np.ndarray]) -> dict[str, An
         "decisive_frames": int(decisive.sum()),
         "answered_by_cloud": len(sent),
         "bytes_sent_median": float(np.median(sent)) if sent else 0.0,
-        "agreement_decisive": float(agree[decisive].mean()) if decisive.any() else 1.0,
+        "agreement_decisive": float(agree[decisive].mean()) if decisive.any() else None,
         "agreement_all": float(agree.mean()),
         "latency_ms_median": float(np.median([r.latency_ms for r in results])),
     }
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(2)
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(cli)
+    sys.exit(run(cli.parse_args()))

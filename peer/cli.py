@@ -180,6 +180,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             },
         }
 
+    recovery = {
+        field: getattr(args, field)
+        for field in ("recover_steps", "augmentations", "learning_rate", "seed")
+        if getattr(args, field) is not None
+    }
+    if recovery and not args.recover:
+        options = ", ".join("--" + field.replace("_", "-") for field in recovery)
+        print(f"ccied prepare: {options}: only with --recover", file=sys.stderr)
+        return 2
     keep = args.keep_ratio or (RECOVER_KEEP_RATIO if args.recover else 1.0)
     if args.bits is None:
         bits: int | str | None = RECOVER_BITS if args.recover else AUTO
@@ -191,9 +200,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         keep_ratio=keep,
         bits=bits,
         recover=args.recover,
-        recover_steps=args.recover_steps,
-        augmentations=args.augmentations,
-        seed=args.seed,
+        **recovery,
         every=args.every,
         cache_split=args.cache_split,
         labels=args.labels,

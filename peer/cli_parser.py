@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ccied.peer.argtypes import fraction, non_negative_int, positive_int
+from ccied.peer.argtypes import fraction, non_negative_int, positive_float, positive_int
 from ccied.peer.cli_peer_options import add_peer_parser
 from ccied.peer.keys import default_state_dir
 from ccied.pruning.defaults import DEFAULT_CACHE_SPLIT, DEFAULT_MODEL
@@ -277,25 +277,31 @@ def _recover_options(pr: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train the reduced transfer layer by distillation from the unpruned model on "
         "the fit frames and augmented copies (crop, flip, colour, blur, noise), no labels, "
-        "instead of fitting PCA alone: the same bytes, more answers kept; a few minutes on "
-        "2 cores (the estimate is printed after the first steps)",
+        "instead of fitting PCA alone; a few minutes on 2 cores (the estimate is printed "
+        "after the first steps)",
     )
     pr.add_argument(
         "--recover-steps",
         type=positive_int,
-        default=300,
         metavar="N",
-        help="training steps of 64 tensors (default 300: about 4 minutes on 2 cores)",
+        help="with --recover: training steps of 64 tensors (default 300: about 4 minutes "
+        "on 2 cores)",
     )
     pr.add_argument(
         "--augmentations",
         type=non_negative_int,
-        default=4,
         metavar="N",
-        help="augmented copies of each fit frame to train on (default 4)",
+        help="with --recover: augmented copies of each fit frame to train on (default 4, "
+        "at most 16)",
     )
     pr.add_argument(
-        "--seed", type=non_negative_int, default=0, metavar="N", help="training seed (default 0)"
+        "--learning-rate",
+        type=positive_float,
+        metavar="LR",
+        help="with --recover: Adam's learning rate (default 0.002)",
+    )
+    pr.add_argument(
+        "--seed", type=non_negative_int, metavar="N", help="with --recover: training seed"
     )
 
 

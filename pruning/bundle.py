@@ -128,6 +128,17 @@ class Variant:
         return self.jpeg_quality is not None or self.lossless
 
 
+# The method of a reduction trained by distillation (ccied.pruning.recover).
+RECOVERED_METHOD = "distilled"
+
+
+def variant_name(split: str, keep_ratio: float, bits: int | None, recovered: bool = False) -> str:
+    """``blocks.11-b6``, ``blocks.11-k0.50-b2``, ``blocks.11-k0.50-b2-distilled``, ..."""
+    keep = "" if keep_ratio >= 1.0 else f"-k{keep_ratio:.2f}"
+    method = f"-{RECOVERED_METHOD}" if recovered else ""
+    return f"{split}{keep}-{'raw' if bits is None else f'b{bits}'}{method}"
+
+
 # Figures from `ccied prepare` (defaults) on the bundled clips: every 3rd frame,
 # the last 40% of each clip held out (68 frames), this 2-core machine,
 # 2026-11-22: median codec bytes per frame and top-1 agreement with the

@@ -52,6 +52,7 @@ from ccied.pruning.bundle import (
     THUMBNAIL_SIDE,
     Variant,
     load_bundle,
+    variant_name,
     write_bundle,
 )
 from ccied.pruning.codec import CodecConfig, TensorCodec
@@ -122,6 +123,9 @@ MAX_DEFAULT_SPLIT_COMPUTE = 0.95
 CACHE_KEY_COMPUTE = 0.3
 # At most this many frames from a --frames folder (each keeps its tensors in memory).
 DEFAULT_MAX_FRAMES = 2000
+# --recover keeps every augmented copy's activations in memory: at most this many
+# copies of each fit frame (2,000 frames x 17 at EfficientNet's blocks.11 is 1.3 GB).
+MAX_AUGMENTATIONS = 16
 # Of the images in a --frames folder, the first 3 of every 5 (in name order) fit.
 IMAGE_FIT_SLOTS = 3
 AUTO = "auto"
@@ -146,13 +150,8 @@ class PrepareConfig:
     recover: bool = False
     recover_steps: int = recover_module.DEFAULT_STEPS
     augmentations: int = recover_module.DEFAULT_AUGMENTATIONS
+    learning_rate: float = recover_module.DEFAULT_LEARNING_RATE
     seed: int = recover_module.DEFAULT_SEED
-
-
-def variant_name(split: str, keep_ratio: float, bits: int | None, recovered: bool = False) -> str:
-    keep = "" if keep_ratio >= 1.0 else f"-k{keep_ratio:.2f}"
-    method = f"-{recover_module.METHOD}" if recovered else ""
-    return f"{split}{keep}-{'raw' if bits is None else f'b{bits}'}{method}"
 
 
 @dataclass(frozen=True)
@@ -526,11 +525,13 @@ def check_recover(config: PrepareConfig) -> None:
         raise ModelError("--recover trains a reduced layer: give --keep-ratio below 1")
     if config.bits is None or config.bits == AUTO:
         raise ModelError("--recover trains for the codec: give --bits 2, 4, 6 or 8")
-    if config.recover_steps < 1 or config.augmentations < 0:
+    if config.recover_steps < 1 or not 0 <= config.augmentations <= MAX_AUGMENTATIONS:
         raise ModelError(
-            f"--recover-steps must be at least 1 and --augmentations at least 0, got "
-            f"{config.recover_steps} and {config.augmentations}"
+            f"--recover-steps must be at least 1 and --augmentations from 0 to "
+            f"{MAX_AUGMENTATIONS}, got {config.recover_steps} and {config.augmentations}"
         )
+    if not config.learning_rate > 0:
+        raise ModelError(f"--learning-rate must be above 0, got {config.learning_rate}")
 
 
 def _reduction(
@@ -563,6 +564,7 @@ def _reduction(
         channels=min(channels, max(1, round(variant.keep_ratio * channels))),
         bits=variant.bits,
         steps=config.recover_steps,
+        learning_rate=config.learning_rate,
         seed=config.seed,
     )
     log.info("recovering %s on %d frames x %d", variant.name, len(pixels), config.augmentations + 1)
@@ -629,9 +631,11 @@ def _measured(
     float32_bytes: int,
 ) -> tuple[dict[str, Any], Variant]:
     """The report's row and the variant with its figures: agreement on all held-out
-    frames and on the decisive ones (none decisive: 1.0, nothing to disagree on)."""
+    frames and on the decisive ones (None when none was decisive)."""
     agreement = float(agrees.mean()) if len(agrees) else 0.0
-    on_decisive = float(agrees[decisive].mean()) if bool(decisive.any()) else 1.0
+    # No decisive frame held out: not measured (the planner then holds the variant
+    # to its all-frame figure on both floors), never a perfect score.
+    on_decisive = float(agrees[decisive].mean()) if bool(decisive.any()) else None
     bytes_median = float(np.median(sizes)) if sizes else 0.0
     row: dict[str, Any] = {
         "name": variant.name,
@@ -640,7 +644,7 @@ def _measured(
         "bits": variant.bits,
         "agreement": round(agreement, 4),
         "agreement_all": round(agreement, 4),
-        "agreement_decisive": round(on_decisive, 4),
+        "agreement_decisive": None if on_decisive is None else round(on_decisive, 4),
         "decisive_frames": int(decisive.sum()),
         "bytes_per_frame": bytes_median,
         "fp32_bytes": float32_bytes,
@@ -657,6 +661,10 @@ def _measured(
     return row, figures
 
 
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def print_report(report: PrepareReport, write: Callable[[str], Any] = print) -> None:
     write(f"bundle {report.bundle_id} of {report.model} written to {report.folder}")
     write(f"frames: {report.frames}")
@@ -668,7 +676,7 @@ def print_report(report: PrepareReport, write: Callable[[str], Any] = print) -> 
     for row in report.variants:
         write(
             f"{row['name']:<28} {row['bytes_per_frame']:>8.0f} {row['ratio_to_fp32']:>7.1f} "
-            f"{row['agreement_decisive']:>20.3f} {row['agreement']:>6.3f}"
+            f"{_fraction(row['agreement_decisive']):>20} {row['agreement']:>6.3f}"
         )
     for depth, figures in report.cache_rules.items():
         write(

@@ -47,7 +47,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ccied.pruning.bundle import BUILTIN_VARIANTS, DEFAULT_VARIANT, Variant, write_bundle
+from ccied.pruning.bundle import (
+    BUILTIN_VARIANTS,
+    DEFAULT_VARIANT,
+    RECOVERED_METHOD,
+    Variant,
+    variant_name,
+    write_bundle,
+)
 from ccied.pruning.codec import CodecConfig, TensorCodec
 from ccied.pruning.defaults import DECISIVE_PROBABILITY as DECISIVE_PROBABILITY  # re-exported
 from ccied.pruning.defaults import DEFAULT_SPLIT
@@ -65,7 +72,7 @@ from torch.nn import functional
 
 log = logging.getLogger(__name__)
 
-METHOD = "distilled"
+METHOD = RECOVERED_METHOD
 # 96 of 192 channels at 2 bits: the point measured at >= 24x fewer bytes than float32
 # with every decisive held-out answer kept (README, "Measured here"); 4 bits at fewer
 # channels measured worse at equal bytes.
@@ -343,8 +350,8 @@ def recover(
 ) -> RecoveryResult:
     """Fit PCA at ``config.channels``, then train E, D and the mean by distillation.
 
-    ModelError when the loss diverges (not finite, or 10x its first value), naming the
-    settings to change.
+    ModelError when the loss diverges (not finite, or over DIVERGENCE_FACTOR times
+    its first value or DIVERGENCE_FLOOR), naming the settings to change.
     """
     from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs in the dev extras
 
@@ -389,8 +396,9 @@ def recover(
             losses and value > DIVERGENCE_FACTOR * max(losses[0], DIVERGENCE_FLOOR)
         ):
             raise ModelError(
-                f"recovery diverged at step {len(losses)} (loss {value:.3g}): lower "
-                f"learning_rate ({config.learning_rate}) or raise bits ({config.bits})"
+                f"recovery diverged at step {len(losses)} (loss {value:.3g}): lower the "
+                f"learning rate (--learning-rate, now {config.learning_rate}) or raise "
+                f"--bits (now {config.bits})"
             )
         optimiser.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
@@ -471,18 +479,18 @@ def measure(
 
 
 def recovered_variant(projection: TransferProjection, bits: int, held_out: Measurement) -> Variant:
-    """The bundle variant of a recovered layer, with its held-out figures.
-
-    ``agreement`` is the agreement on all frames: the planner's floor counts every
-    frame today (the decisive figure goes in the bundle's ``figures``).
-    """
+    """The bundle variant of a recovered layer, with its held-out figures: agreement
+    on all frames and on the decisive ones (None when none was decisive: the
+    planner then holds it to the all-frame figure on both floors)."""
+    keep_ratio = projection.kept / projection.channels
     return Variant(
-        f"{projection.split}-k{projection.kept}-b{bits}-{METHOD}",
+        variant_name(projection.split, keep_ratio, bits, recovered=True),
         projection.split,
-        keep_ratio=projection.kept / projection.channels,
+        keep_ratio=keep_ratio,
         bits=bits,
         agreement=held_out.agreement_all,
         bytes_per_frame=held_out.bytes_per_frame,
+        agreement_decisive=held_out.agreement_decisive if held_out.decisive_frames else None,
     )
 
 

@@ -91,8 +91,12 @@ def test_two_floors_decisive_frames_and_all_frames() -> None:
     assert plan_frame(device, slow, floors=Floors(0.98, 0.7)).variant == "recovered"
     # --fidelity-floor 1.0 on decisive frames alone would not exclude it, 0.99 on all does.
     assert plan_frame(device, slow, floors=Floors(1.0, 0.99)).variant == "late"
-    # Accuracy first: decisive ties at 1.000, then all frames: 1.0 before 0.71.
+    # Accuracy first: all frames first (1.0 before 0.71), even against a perfect
+    # decisive figure measured on a handful of frames.
     assert plan_frame(device, slow, Need.ACCURACY).variant == "late"
+    shaky = dataclasses.replace(LATE, agreement=0.99, agreement_decisive=0.917)
+    device_shaky = dataclasses.replace(device, variants=(recovered, shaky))
+    assert plan_frame(device_shaky, slow, Need.ACCURACY).variant == "late"
     # A bundle that measured no decisive figure is held to its all-frame one on both.
     unmeasured = dataclasses.replace(recovered, agreement_decisive=None, agreement=0.97)
     device = dataclasses.replace(device, variants=(LATE, EARLY, unmeasured))

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ccied.bench.recovery import _recovered_variant as stream_variant
 from ccied.pruning import StagedModel, find_clip, iter_frames
-from ccied.pruning.bundle import load_bundle
+from ccied.pruning.bundle import load_bundle, variant_name
 from ccied.pruning.codec import CodecConfig, TensorCodec
 from ccied.pruning.errors import CodecError, ModelError
 from ccied.pruning.recover import (
@@ -89,7 +90,7 @@ def test_divergence_names_the_setting(
 ) -> None:
     train, _ = sets
     config = RecoveryConfig(split=SPLIT, channels=8, steps=20, batch_size=8, learning_rate=1e4)
-    with pytest.raises(ModelError, match="learning_rate"):
+    with pytest.raises(ModelError, match="--learning-rate"):
         recover(model, train, config, progress=False)
 
 
@@ -139,11 +140,20 @@ def test_a_recovered_bundle_is_served_through_the_projection_path(
     bundle_id = write_recovered_bundle(tmp_path, model, [(projection, 4, measured)])
     bundle = load_bundle(tmp_path)
     assert bundle.bundle_id == bundle_id
-    variant = bundle.variant(f"{SPLIT}-k8-b4-{METHOD}")
+    name = variant_name(SPLIT, 8 / projection.channels, 4, recovered=True)
+    assert name.endswith(f"-b4-{METHOD}")
+    variant = bundle.variant(name)
     assert variant.agreement == measured.agreement_all
+    # The planner reads both agreements from the manifest (none decisive: unmeasured).
+    expected = measured.agreement_decisive if measured.decisive_frames else None
+    assert variant.agreement_decisive == expected
     assert bundle.figures["recovered"][variant.name]["agreement_decisive"] == (
         measured.agreement_decisive
     )
+    # `bench recovery --stream` sends the bundled clips' held-out frames: it refuses a
+    # bundle not prepared on them, in one line.
+    with pytest.raises(ModelError, match="--stream sends the bundled clips"):
+        stream_variant(bundle)
     stored = bundle.projections[variant.name]
     assert stored.method == METHOD
     np.testing.assert_array_equal(stored.encoder, projection.encoder)
