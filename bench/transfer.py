@@ -717,30 +717,26 @@ def _references(axes: Any, result: dict[str, Any], key: str, floor: float) -> No
         color="grey",
     )
     jpeg = result["jpeg_q90_bytes"]
-    axes.axvline(jpeg, color="tab:red", linestyle="--", linewidth=1)
+    _vertical(axes, jpeg, f"JPEG q90 {jpeg:,.0f} B", "tab:red", "--")
+    fp32 = next((v["fp32_bytes"] for v in result["variants"] if v["split"] == DEFAULT_SPLIT), None)
+    if fp32 is not None:
+        _vertical(axes, fp32, f"float32 {DEFAULT_SPLIT} {fp32:,} B", "black", "-.")
+    _annotate_points(axes, result, key)
+
+
+def _vertical(axes: Any, x: float, label: str, color: str, style: str) -> None:
+    """A vertical reference line at ``x`` bytes, labelled along it."""
+    axes.axvline(x, color=color, linestyle=style, linewidth=1)
     axes.annotate(
-        f"JPEG q90 {jpeg:,.0f} B",
-        (jpeg, 0.02),
+        label,
+        (x, 0.02),
         xycoords=("data", "axes fraction"),
         rotation=90,
         fontsize=8,
-        color="tab:red",
+        color=color,
         xytext=(-10, 0),
         textcoords="offset points",
     )
-    fp32 = next((v["fp32_bytes"] for v in result["variants"] if v["split"] == DEFAULT_SPLIT), None)
-    if fp32 is not None:
-        axes.axvline(fp32, color="black", linestyle="-.", linewidth=1)
-        axes.annotate(
-            f"float32 {DEFAULT_SPLIT} {fp32:,} B",
-            (fp32, 0.02),
-            xycoords=("data", "axes fraction"),
-            rotation=90,
-            fontsize=8,
-            xytext=(-10, 0),
-            textcoords="offset points",
-        )
-    _annotate_points(axes, result, key)
 
 
 def _annotate_points(axes: Any, result: dict[str, Any], key: str) -> None:

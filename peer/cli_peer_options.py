@@ -122,7 +122,8 @@ def _peer_model_options(p: argparse.ArgumentParser) -> None:
 def _peer_neighbour_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cloud",
-        help="tcp://HOST:PORT of the cloud peer (edge role); KEY@tcp://... pins its key",
+        help="tcp://HOST:PORT of the cloud peer (edge role); KEY@tcp://... pins its key "
+        "(--cloud=KEY@... when the key begins with '-')",
     )
     p.add_argument(
         "--peer",

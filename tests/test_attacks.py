@@ -101,7 +101,7 @@ def test_a_malformed_key_is_refused_and_a_bad_trusted_file_does_not_stop_authent
         ["keys", "--state-dir", str(cloud.state_dir), "trust", bad], "not valid Z85", Path("/")
     )
     one_line_refusal(
-        ["peer", "--cloud", f"{bad}@{cloud.listen}", "--socket", "none"], "not valid Z85", Path("/")
+        ["peer", f"--cloud={bad}@{cloud.listen}", "--socket", "none"], "not valid Z85", Path("/")
     )
     bad_file = cloud.keys().trusted_dir / "planted.key"
     bad_file.write_text(f'curve\n    public-key = "{bad}"\n')
