@@ -52,6 +52,7 @@ import zmq
 import zmq.asyncio
 from ccied.bench.cluster import PeerProcess, free_tcp_port, local_keys, running, runtime_folder
 from ccied.bench.demo import percentile
+from ccied.peer.argtypes import positive_float, positive_int
 from ccied.peer.batching import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BATCH
 from ccied.peer.client import Client
 from ccied.peer.errors import PeerUnavailableError
@@ -510,19 +511,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--concurrency",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=list(CONCURRENCY),
         help="edges sending at once (default 1 4 16 64)",
     )
     parser.add_argument(
         "--duration-s",
-        type=float,
+        type=positive_float,
         help=f"measured per setting and round (default {DEFAULT_DURATION_S:g})",
     )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         help=f"rounds over every setting, batching off and on in turn; frames/s is the median "
         f"round's (default {DEFAULT_ROUNDS}, --quick {QUICK_ROUNDS})",
     )
@@ -530,7 +531,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup-s", type=float, help=f"before each measure (default {DEFAULT_WARMUP_S:g})"
     )
     parser.add_argument(
-        "--frames", type=int, help=f"distinct frames the edges cycle through ({DEFAULT_FRAMES})"
+        "--frames",
+        type=positive_int,
+        help=f"distinct frames the edges cycle through ({DEFAULT_FRAMES})",
     )
     parser.add_argument(
         "--variant", default=DEFAULT_VARIANT, help=f"the tensors' variant ({DEFAULT_VARIANT})"
@@ -544,13 +547,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-batch",
-        type=int,
+        type=positive_int,
         default=DEFAULT_MAX_BATCH,
         help=f"the batched cloud's --max-batch (default {DEFAULT_MAX_BATCH})",
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         help="the cloud's torch threads (default: torch's choice, one per core, as `ccied peer`)",
     )
     parser.add_argument(
