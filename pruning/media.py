@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from ccied.pruning.errors import MediaError
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:  # torch only where a frame becomes model input: `ccied submit` stays light
     import torch
@@ -161,7 +161,8 @@ _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 def load_image(path: Path) -> np.ndarray:
     """Decode a still image file to an RGB uint8 frame (MediaError if it is not one).
 
-    Any mode Pillow reads becomes 8-bit RGB (see :func:`image_to_rgb`). An
+    Any mode Pillow reads becomes 8-bit RGB (see :func:`image_to_rgb`), turned
+    upright by its EXIF orientation tag when it has one. An
     image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89.5 million by
     default; a 70-byte PNG can claim ten billion) raises ImageTooLargeError
     before its pixels are decoded.
@@ -173,7 +174,10 @@ def load_image(path: Path) -> np.ndarray:
             # too, so one limit holds and nothing is printed behind our back.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                return image_to_rgb(image)
+                # A phone stores a portrait photo sideways with an EXIF orientation
+                # tag; viewers (and the model's user) see it upright.
+                upright = ImageOps.exif_transpose(image)
+                return image_to_rgb(upright)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         found = _BOMB_PIXELS.search(str(exc))
         size = f" of {found.group(1)} pixels" if found else ""

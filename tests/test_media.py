@@ -165,3 +165,18 @@ def test_preprocess_gives_a_normalised_square_input(
 def test_bad_frames_are_refused(pixels: np.ndarray, message: str) -> None:
     with pytest.raises(MediaError, match=message):
         check_frame(pixels)
+
+
+def test_a_photo_stored_sideways_is_read_upright(tmp_path: Path) -> None:
+    # A phone's portrait photo: pixels stored landscape, EXIF orientation 6 (rotate
+    # 90 degrees clockwise to view). The model must see what the user sees.
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[:, :10] = (255, 0, 0)  # red down the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "portrait.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=exif.tobytes())
+    upright = load_image(path)
+    assert upright.shape == (60, 40, 3)
+    # The stored left edge is now the top.
+    assert upright[:5, :, 0].mean() > 200 and upright[-5:, :, 0].mean() < 50
