@@ -90,6 +90,7 @@ from ccied.pruning.models import StagedModel, load_model
 from ccied.pruning.transfer import (
     TransferProjection,
     fit_projection_from_activations,
+    kept_channels,
     projection_convs,
 )
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs in the dev extras
@@ -558,10 +559,9 @@ def _reduction(
     train = recover_module.distillation_set(
         model, variant.split, pixels, config.augmentations, config.seed
     )
-    channels = stacked.shape[1]
     settings = recover_module.RecoveryConfig(
         split=variant.split,
-        channels=min(channels, max(1, round(variant.keep_ratio * channels))),
+        channels=kept_channels(variant.keep_ratio, stacked.shape[1]),
         bits=variant.bits,
         steps=config.recover_steps,
         learning_rate=config.learning_rate,

@@ -197,6 +197,11 @@ def transfer_activations(
     return torch.cat(outputs)
 
 
+def kept_channels(keep_ratio: float, channels: int) -> int:
+    """How many of ``channels`` a reduction at ``keep_ratio`` keeps (at least one)."""
+    return min(channels, max(1, round(keep_ratio * channels)))
+
+
 def fit_projection_from_activations(
     split: str, activations: torch.Tensor, keep_ratio: float, method: str = DEFAULT_METHOD
 ) -> TransferProjection:
@@ -206,7 +211,7 @@ def fit_projection_from_activations(
     if method not in METHODS:
         raise ModelError(f"method must be one of {METHODS}, got {method!r}")
     c = activations.shape[1]
-    kept = min(c, max(1, round(keep_ratio * c)))
+    kept = kept_channels(keep_ratio, c)
     samples = activations.detach().permute(0, 2, 3, 1).reshape(-1, c).double()
     mean = samples.mean(0)
     centred = samples - mean
