@@ -42,11 +42,11 @@ import torch
 from ccied.peer.argtypes import fraction, positive_int
 from ccied.pruning import bundled_clips, iter_frames, load_model, preprocess
 from ccied.pruning.codec import SUPPORTED_BITS, CodecConfig, TensorCodec
+from ccied.pruning.defaults import DECISIVE_PROBABILITY
 from ccied.pruning.errors import MediaError
 from ccied.pruning.media import CENTER_CROP_FRACTION
 from ccied.pruning.models import StagedModel
 from ccied.pruning.recover import (
-    DECISIVE_PROBABILITY,
     DEFAULT_AUGMENTATIONS,
     DistillationSet,
     RecoveryConfig,

@@ -139,8 +139,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import numpy as np
     from ccied.cache import BadFeatureError, feature_from_tensor, thumbnail_feature
     from ccied.cache.policy import calibrate_or_default, evaluate
-    from ccied.peer.cli_parser import RECOVER_BITS, RECOVER_KEEP_RATIO
     from ccied.pruning.custom import parse_normalize
+    from ccied.pruning.defaults import RECOVER_BITS, RECOVER_KEEP_RATIO
     from ccied.pruning.prepare import AUTO, PrepareConfig, prepare_bundle, print_report
 
     _setup_logging(args.log_level)

@@ -19,7 +19,16 @@ from typing import Any
 from ccied.peer.argtypes import fraction, non_negative_int, positive_float, positive_int
 from ccied.peer.cli_peer_options import add_peer_parser
 from ccied.peer.keys import default_state_dir
-from ccied.pruning.defaults import DEFAULT_CACHE_SPLIT, DEFAULT_MODEL
+from ccied.pruning.defaults import (
+    DEFAULT_CACHE_SPLIT,
+    DEFAULT_MODEL,
+    RECOVER_AUGMENTATIONS,
+    RECOVER_BITS,
+    RECOVER_KEEP_RATIO,
+    RECOVER_LEARNING_RATE,
+    RECOVER_MAX_AUGMENTATIONS,
+    RECOVER_STEPS,
+)
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -264,13 +273,6 @@ def add_prepare_parser(sub: Any) -> argparse.ArgumentParser:
     return pr
 
 
-# --recover's operating point when --keep-ratio and --bits are not given: the point
-# measured at 26x fewer bytes than float32 with the decisive answers kept (README,
-# "Recovered transfer layer": 96 of 192 channels at blocks.11, 2 bits).
-RECOVER_KEEP_RATIO = 0.5
-RECOVER_BITS = 2
-
-
 def _recover_options(pr: argparse.ArgumentParser) -> None:
     pr.add_argument(
         "--recover",
@@ -284,21 +286,21 @@ def _recover_options(pr: argparse.ArgumentParser) -> None:
         "--recover-steps",
         type=positive_int,
         metavar="N",
-        help="with --recover: training steps of 64 tensors (default 300: about 4 minutes "
-        "on 2 cores)",
+        help=f"with --recover: training steps of 64 tensors (default {RECOVER_STEPS}: about "
+        "4 minutes on 2 cores)",
     )
     pr.add_argument(
         "--augmentations",
         type=non_negative_int,
         metavar="N",
-        help="with --recover: augmented copies of each fit frame to train on (default 4, "
-        "at most 16)",
+        help=f"with --recover: augmented copies of each fit frame to train on (default "
+        f"{RECOVER_AUGMENTATIONS}, at most {RECOVER_MAX_AUGMENTATIONS})",
     )
     pr.add_argument(
         "--learning-rate",
         type=positive_float,
         metavar="LR",
-        help="with --recover: Adam's learning rate (default 0.002)",
+        help=f"with --recover: Adam's learning rate (default {RECOVER_LEARNING_RATE:g})",
     )
     pr.add_argument(
         "--seed", type=non_negative_int, metavar="N", help="with --recover: training seed"

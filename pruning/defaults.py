@@ -28,3 +28,16 @@ DECISIVE_PROBABILITY = 0.5
 # ...and on all frames, where the model's unsure answers flip at any loss: a
 # second, lower floor (DESIGN.md's faithful run: >= 0.95 on all frames).
 DEFAULT_FIDELITY_FLOOR_ALL = 0.95
+# `ccied prepare --recover` (ccied.pruning.recover). Its operating point when
+# --keep-ratio and --bits are not given: 96 of blocks.11's 192 channels at 2 bits,
+# measured at 26x fewer bytes than float32 with the decisive answers kept (README,
+# "Recovered transfer layer"; 4 bits at fewer channels did worse at equal bytes).
+RECOVER_KEEP_RATIO = 0.5
+RECOVER_BITS = 2
+# Training: 300 steps of 64 tensors took about 4 minutes on 2 cores (README).
+RECOVER_STEPS = 300
+RECOVER_AUGMENTATIONS = 4
+# Every augmented copy's activations stay in memory: 2,000 frames x 17 copies at
+# EfficientNet's blocks.11 is 1.3 GB.
+RECOVER_MAX_AUGMENTATIONS = 16
+RECOVER_LEARNING_RATE = 2e-3

@@ -70,6 +70,7 @@ from ccied.pruning.defaults import (
     DEFAULT_CACHE_SPLIT,
     DEFAULT_MODEL,
     DEFAULT_SPLIT,
+    RECOVER_MAX_AUGMENTATIONS,
 )
 from ccied.pruning.errors import MediaError, ModelError
 from ccied.pruning.media import (
@@ -124,9 +125,6 @@ MAX_DEFAULT_SPLIT_COMPUTE = 0.95
 CACHE_KEY_COMPUTE = 0.3
 # At most this many frames from a --frames folder (each keeps its tensors in memory).
 DEFAULT_MAX_FRAMES = 2000
-# --recover keeps every augmented copy's activations in memory: at most this many
-# copies of each fit frame (2,000 frames x 17 at EfficientNet's blocks.11 is 1.3 GB).
-MAX_AUGMENTATIONS = 16
 # Of the images in a --frames folder, the first 3 of every 5 (in name order) fit.
 IMAGE_FIT_SLOTS = 3
 AUTO = "auto"
@@ -526,10 +524,10 @@ def check_recover(config: PrepareConfig) -> None:
         raise ModelError("--recover trains a reduced layer: give --keep-ratio below 1")
     if config.bits is None or config.bits == AUTO:
         raise ModelError("--recover trains for the codec: give --bits 2, 4, 6 or 8")
-    if config.recover_steps < 1 or not 0 <= config.augmentations <= MAX_AUGMENTATIONS:
+    if config.recover_steps < 1 or not 0 <= config.augmentations <= RECOVER_MAX_AUGMENTATIONS:
         raise ModelError(
             f"--recover-steps must be at least 1 and --augmentations from 0 to "
-            f"{MAX_AUGMENTATIONS}, got {config.recover_steps} and {config.augmentations}"
+            f"{RECOVER_MAX_AUGMENTATIONS}, got {config.recover_steps} and {config.augmentations}"
         )
     if not config.learning_rate > 0:
         raise ModelError(f"--learning-rate must be above 0, got {config.learning_rate}")

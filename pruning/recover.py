@@ -56,8 +56,14 @@ from ccied.pruning.bundle import (
     write_bundle,
 )
 from ccied.pruning.codec import CodecConfig, TensorCodec
-from ccied.pruning.defaults import DECISIVE_PROBABILITY as DECISIVE_PROBABILITY  # re-exported
-from ccied.pruning.defaults import DEFAULT_SPLIT
+from ccied.pruning.defaults import (
+    DECISIVE_PROBABILITY,
+    DEFAULT_SPLIT,
+    RECOVER_AUGMENTATIONS,
+    RECOVER_BITS,
+    RECOVER_LEARNING_RATE,
+    RECOVER_STEPS,
+)
 from ccied.pruning.errors import ModelError
 from ccied.pruning.media import bundled_clips, iter_frames
 from ccied.pruning.models import ModelSpec, StagedModel
@@ -73,18 +79,17 @@ from torch.nn import functional
 log = logging.getLogger(__name__)
 
 METHOD = RECOVERED_METHOD
-# 96 of 192 channels at 2 bits: the point measured at >= 24x fewer bytes than float32
-# with every decisive held-out answer kept (README, "Measured here"); 4 bits at fewer
-# channels measured worse at equal bytes.
+# The defaults of `ccied prepare --recover` (pruning/defaults.py, where its --help
+# reads them): half of blocks.11's 192 channels at 2 bits.
 DEFAULT_CHANNELS = 96
-DEFAULT_BITS = 2
-DEFAULT_STEPS = 300
+DEFAULT_BITS = RECOVER_BITS
+DEFAULT_STEPS = RECOVER_STEPS
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_LEARNING_RATE = 2e-3
+DEFAULT_LEARNING_RATE = RECOVER_LEARNING_RATE
 DEFAULT_TEMPERATURE = 2.0
 # Weight of the reconstruction MSE (relative to the activations' variance) beside the KL.
 DEFAULT_RECONSTRUCTION_WEIGHT = 0.05
-DEFAULT_AUGMENTATIONS = 4
+DEFAULT_AUGMENTATIONS = RECOVER_AUGMENTATIONS
 DEFAULT_SEED = 0
 # Share of each clip (its first frames) used for training; the rest is held out.
 TRAIN_FRACTION = 0.6
